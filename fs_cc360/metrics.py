@@ -1,0 +1,222 @@
+"""Prometheus metrics of one fs-cc360 process, kept in one registry object.
+
+No collector is registered in prometheus-client's global ``REGISTRY``: every
+:class:`Metrics` owns its ``CollectorRegistry``, so tests (and two services in one
+process) never see each other's numbers. The other modules get the object injected
+and call its small verbs (``esl_state``, ``crm_event``, ``delivered``...); only
+``render()`` produces the text the ``/metrics`` route serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+#: Delivery latency buckets (seconds): a CC360 request takes tens of ms when healthy,
+#: seconds when the CRM struggles; the top buckets catch timeouts.
+DELIVERY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: ``set_outbox`` keys that are not a row count per status.
+_OLDEST_KEYS = ("oldest_pending_seconds", "oldest_pending_age", "oldest_age", "oldest")
+_WRITABLE_KEYS = ("writable", "outbox_writable")
+_NESTED_KEYS = ("counts", "by_status", "rows")
+
+#: ``fs_cc360_makecall_total`` results: request outcomes, then originate job outcomes.
+MAKECALL_RESULTS = (
+    "accepted", "invalid", "forbidden", "limited", "unavailable", "error", "originated", "failed",
+)
+CRM_KINDS = ("ringing", "answer", "hangup", "summary")
+
+_LABEL_SAFE = re.compile(r"[^A-Za-z0-9_.:-]+")
+
+
+def _label(value: object, *, default: str = "none", limit: int = 48) -> str:
+    """A label value that cannot explode cardinality with free text or be empty."""
+    text = "" if value is None else str(value)
+    text = _LABEL_SAFE.sub("_", text)[:limit]
+    return text or default
+
+
+class Metrics:
+    """The process's collectors; see the module docstring.
+
+    The verbs never raise: a metrics mistake must not break call handling.
+    """
+
+    def __init__(self, *, delivery_buckets: tuple[float, ...] = DELIVERY_BUCKETS) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.esl_connected = Gauge(
+            "fs_cc360_esl_connected", "1 when the ESL connection to FreeSWITCH is up", registry=r
+        )
+        self.esl_events = Counter(
+            "fs_cc360_esl_events_total", "Events read from FreeSWITCH", registry=r
+        )
+        self.crm_events = Counter(
+            "fs_cc360_crm_events_total", "CC360 events produced by the call tracker", ["kind"],
+            registry=r,
+        )
+        self.outbox_rows = Gauge(
+            "fs_cc360_outbox_rows", "Outbox rows per status", ["status"], registry=r
+        )
+        self.outbox_oldest = Gauge(
+            "fs_cc360_outbox_oldest_pending_seconds",
+            "Age of the oldest pending outbox row (0 when none)", registry=r,
+        )
+        self.outbox_writable = Gauge(
+            "fs_cc360_outbox_writable", "1 when the outbox accepted its last write", registry=r
+        )
+        self.deliveries = Counter(
+            "fs_cc360_deliveries_total",
+            "CC360 delivery attempts by result and HTTP status ('none': no response)",
+            ["result", "status"], registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "fs_cc360_delivery_seconds", "Time of one CC360 request", buckets=delivery_buckets,
+            registry=r,
+        )
+        self.makecalls = Counter(
+            "fs_cc360_makecall_total",
+            "Click-to-call requests and outcomes (accepted, invalid, forbidden, limited, "
+            "unavailable, error, originated, failed)",
+            ["result"], registry=r,
+        )
+        self.makecall_failures = Counter(
+            "fs_cc360_makecall_failures_total",
+            "Originate jobs FreeSWITCH answered with -ERR, by reason", ["reason"], registry=r,
+        )
+        self.outbox_writable.set(1)
+        # Known label values start at 0 so rate() and absence alerts work from the start.
+        for result in MAKECALL_RESULTS:
+            self.makecalls.labels(result=result)
+        for kind in CRM_KINDS:
+            self.crm_events.labels(kind=kind)
+        self._outbox_statuses: set[str] = set()
+        self._outbox_source: Callable[[], Any] | None = None
+
+    # -- ESL and tracker -------------------------------------------------------------
+
+    def esl_state(self, connected: bool) -> None:
+        self.esl_connected.set(1 if connected else 0)
+
+    def esl_event(self, count: int = 1) -> None:
+        self.esl_events.inc(count)
+
+    def crm_event(self, kind: str) -> None:
+        self.crm_events.labels(kind=_label(kind)).inc()
+
+    # -- delivery --------------------------------------------------------------------
+
+    def delivered(self, kind: str, status: int | None, seconds: float) -> None:
+        """A CC360 request succeeded. ``kind`` is accepted for symmetry; the label set
+        stays ``{result,status}`` as documented."""
+        self.deliveries.labels(result="delivered", status=_label(status)).inc()
+        self.delivery_seconds.observe(max(0.0, float(seconds)))
+
+    def failed(
+        self, kind: str, reason: str, status: int | None = None, seconds: float | None = None
+    ) -> None:
+        """A CC360 request failed; ``reason`` is a short word chosen by the caller
+        (``retry``, ``dead``, ``auth``, ``timeout``...), never free text."""
+        self.deliveries.labels(result=_label(reason, default="failed"), status=_label(status)).inc()
+        if seconds is not None:
+            self.delivery_seconds.observe(max(0.0, float(seconds)))
+
+    # -- makecall --------------------------------------------------------------------
+
+    def makecall(self, result: str, reason: str | None = None) -> None:
+        self.makecalls.labels(result=_label(result)).inc()
+        if reason is not None:
+            self.makecall_failures.labels(reason=_label(reason, default="unknown")).inc()
+
+    # -- outbox ----------------------------------------------------------------------
+
+    def set_outbox(self, stats: Mapping[str, Any] | Any) -> None:
+        """Update the outbox gauges from a stats mapping (or dataclass / object).
+
+        Integer entries are row counts per status (``{"pending": 3, "dead": 1}``);
+        ``oldest_pending_seconds`` (or ``oldest_pending_age``) and ``writable`` are
+        recognised by name. A nested ``counts``/``by_status`` mapping is accepted too.
+        A status seen before and missing now is reported as 0, not left stale.
+        """
+        data = _as_mapping(stats)
+        counts: dict[str, float] = {}
+        for key in _NESTED_KEYS:
+            nested = data.get(key)
+            if isinstance(nested, Mapping):
+                for status, value in nested.items():
+                    if _is_number(value):
+                        counts[_status(status)] = float(value)
+        for key, value in data.items():
+            name = _status(key)
+            if name in _OLDEST_KEYS:
+                self.outbox_oldest.set(max(0.0, float(value or 0)))
+            elif name in _WRITABLE_KEYS:
+                self.outbox_writable.set(1 if value else 0)
+            elif name not in _NESTED_KEYS and _is_number(value):
+                counts[name] = float(value)
+        for status in self._outbox_statuses - counts.keys():
+            self.outbox_rows.labels(status=status).set(0)
+        for status, value in counts.items():
+            self._outbox_statuses.add(status)
+            self.outbox_rows.labels(status=status).set(value)
+
+    def set_outbox_writable(self, writable: bool) -> None:
+        self.outbox_writable.set(1 if writable else 0)
+
+    def set_outbox_source(self, source: Callable[[], Any] | None) -> None:
+        """Call ``source()`` at every ``render()`` and feed its result to ``set_outbox``.
+
+        Keeps the outbox gauges fresh without a polling greenlet. An exception from
+        ``source`` is logged and the previous values stay.
+        """
+        self._outbox_source = source
+
+    def refresh(self) -> None:
+        source = self._outbox_source
+        if source is None:
+            return
+        try:
+            self.set_outbox(source())
+        except Exception:
+            log.warning("metrics.outbox_source_failed", exc_info=True)
+
+    # -- exposition ------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its Content-Type."""
+        self.refresh()
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _status(key: object) -> str:
+    """A status label from a plain string or a ``str`` enum member."""
+    return _label(getattr(key, "value", key))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_mapping(stats: Mapping[str, Any] | Any) -> Mapping[str, Any]:
+    if isinstance(stats, Mapping):
+        return stats
+    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        return dataclasses.asdict(stats)
+    if hasattr(stats, "_asdict"):
+        return stats._asdict()
+    return dict(vars(stats))
