@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 import time
 import uuid
 from collections.abc import Callable
@@ -28,14 +29,15 @@ from fs_cc360.numbers import NumberRules
 
 log = logging.getLogger(__name__)
 
-#: ``{vars}`` is the whole ``{a=b,...}`` block; ``{agent}``, ``{client}``, ``{uuid}`` are
-#: the bare values. Other braces in the template (an admin's own ``{x=y}``) stay as written.
+#: ``str.format`` syntax, as ``[webapi] originate`` is validated by config.py: ``{vars}`` is
+#: the whole ``{a=b,...}`` block, ``{agent}`` and ``{client}`` the bare values; literal
+#: braces (an admin's own ``{{x=y}}``) are written doubled.
 DEFAULT_TEMPLATE = "{vars}user/{agent} {client} XML default"
 
 #: Longest ``first`` accepted (an extension is a few digits; spec §1: digits only).
 MAX_EXTENSION_DIGITS = 15
 
-_PLACEHOLDER = re.compile(r"\{(vars|agent|client|uuid)\}")
+TEMPLATE_FIELDS = ("vars", "agent", "client")
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 _SAFE_VALUE = re.compile(r"[0-9A-Za-z-]+")
 _REASON = re.compile(r"[A-Z0-9_]{1,48}")
@@ -218,8 +220,13 @@ class MakeCall:
             ("originate_timeout", str(self.originate_timeout)),
         ]
         block = "{" + ",".join(f"{k}={originate_value(v)}" for k, v in variables) + "}"
-        values = {"vars": block, "agent": agent, "client": client, "uuid": call_id}
-        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.template)
+        values = {"vars": block, "agent": agent, "client": client}
+        out: list[str] = []
+        for literal, name, _spec, _conversion in string.Formatter().parse(self.template):
+            out.append(literal)
+            if name is not None:
+                out.append(values[name])
+        return "".join(out)
 
     # -- result side -------------------------------------------------------------------
 
@@ -296,19 +303,31 @@ def job_failure_reason(line: str) -> str:
 
 
 def check_template(template: str) -> None:
-    """Refuse, at start-up, an originate template the call tracker could not follow."""
+    """Refuse, at start-up, a template we cannot expand or the tracker could not follow.
+
+    Same rules as config.py's ``[webapi] originate`` check (``str.format`` syntax, exactly
+    the fields ``vars``, ``agent``, ``client``, each present), repeated here because
+    ``MakeCall`` may be built without config.py.
+    """
     if "\n" in template or "\r" in template:
         raise ConfigError("[webapi] originate must be one line", key="originate")
-    found = set(_PLACEHOLDER.findall(template))
-    missing = {"agent", "client"} - found
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"[webapi] originate: {exc} (write literal braces as {{{{ }}}})",
+                          key="originate") from None
+    seen: set[str] = set()
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS or spec or conversion:
+            raise ConfigError(f"[webapi] originate: unknown placeholder {{{name}}}",
+                              key="originate")
+        seen.add(name)
+    missing = [name for name in TEMPLATE_FIELDS if name not in seen]
     if missing:
         raise ConfigError(
-            f"[webapi] originate lacks {', '.join('{' + m + '}' for m in sorted(missing))}",
-            key="originate",
-        )
-    if "vars" not in found and "uuid" not in found:
-        raise ConfigError(
-            "[webapi] originate needs {vars} (or origination_uuid={uuid} and the cc360_* "
-            "variables of your own) so the call id and direction are known",
+            f"[webapi] originate lacks {', '.join('{' + m + '}' for m in missing)}: {{vars}} "
+            "carries the call id and the cc360_* tags the call tracker needs",
             key="originate",
         )
