@@ -308,14 +308,18 @@ class Cc360Client:
 
     def _do_login(self) -> None:
         """POST the credentials; on success swap the shared cookie jar. Holds the lock."""
-        self._attempts += 1
         try:
             self._post_login()
         except CrmError as exc:
             self._last_login_error = exc
             log.warning("crm.login failed status=%s error=%s", exc.status, exc)
             raise
-        self._last_login_error = None
+        else:
+            self._last_login_error = None
+        finally:
+            # Counted when the attempt *ends*: a lane that read the counter while this
+            # attempt was in flight then sees it changed and shares the outcome.
+            self._attempts += 1
 
     def _post_login(self) -> None:
         url = self.login_url
