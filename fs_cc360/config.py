@@ -760,7 +760,8 @@ def _read_overrides(overrides: Mapping[str, Mapping[str, Any]], layers: _Layers,
 def _parse_value(parse: Callable[[str], Any], text: str) -> Any:
     if _CONTROL.search(text):
         # Values end up in ESL commands and HTTP headers: no line breaks, no NULs.
-        raise ValueError("expected a single line without control characters")
+        hint = " (in the file, indented lines continue the value above)" if "\n" in text else ""
+        raise ValueError(f"expected a single line without control characters{hint}")
     return parse(text)
 
 
