@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +35,8 @@ DELIVERY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
 _OLDEST_KEYS = ("oldest_pending_seconds", "oldest_pending_age", "oldest_age", "oldest")
 _WRITABLE_KEYS = ("writable", "outbox_writable")
 _NESTED_KEYS = ("counts", "by_status", "rows")
+_NOT_STATUS = {"total", *_OLDEST_KEYS, *_WRITABLE_KEYS, *_NESTED_KEYS}
+_NOT_SUFFIX = ("_at", "_seconds", "_age")
 
 #: ``fs_cc360_makecall_total`` results: request outcomes, then originate job outcomes.
 MAKECALL_RESULTS = (
@@ -57,7 +60,13 @@ class Metrics:
     The verbs never raise: a metrics mistake must not break call handling.
     """
 
-    def __init__(self, *, delivery_buckets: tuple[float, ...] = DELIVERY_BUCKETS) -> None:
+    def __init__(
+        self,
+        *,
+        delivery_buckets: tuple[float, ...] = DELIVERY_BUCKETS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock  #: wall clock, to turn ``oldest_pending_at`` into an age
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.esl_connected = Gauge(
@@ -146,29 +155,31 @@ class Metrics:
     # -- outbox ----------------------------------------------------------------------
 
     def set_outbox(self, stats: Mapping[str, Any] | Any) -> None:
-        """Update the outbox gauges from a stats mapping (or dataclass / object).
+        """Update the outbox gauges from ``Outbox.stats()`` (an ``OutboxStats``) or a mapping.
 
-        Integer entries are row counts per status (``{"pending": 3, "dead": 1}``);
-        ``oldest_pending_seconds`` (or ``oldest_pending_age``) and ``writable`` are
-        recognised by name. A nested ``counts``/``by_status`` mapping is accepted too.
-        A status seen before and missing now is reported as 0, not left stale.
+        Row counts come from a nested ``counts`` mapping (status -> rows, ``str`` enum
+        keys fine) or, without one, from the top-level integers (``{"pending": 3}``).
+        The oldest pending row's age is ``oldest_pending_seconds`` when given, else
+        derived from ``oldest_pending_at`` (epoch seconds) and the clock; ``writable``
+        is read when present. A status seen before and missing now is reported as 0.
         """
         data = _as_mapping(stats)
+        nested = next((data[k] for k in _NESTED_KEYS if isinstance(data.get(k), Mapping)), None)
+        source = nested if nested is not None else data
         counts: dict[str, float] = {}
-        for key in _NESTED_KEYS:
-            nested = data.get(key)
-            if isinstance(nested, Mapping):
-                for status, value in nested.items():
-                    if _is_number(value):
-                        counts[_status(status)] = float(value)
-        for key, value in data.items():
+        for key, value in source.items():
             name = _status(key)
-            if name in _OLDEST_KEYS:
-                self.outbox_oldest.set(max(0.0, float(value or 0)))
-            elif name in _WRITABLE_KEYS:
-                self.outbox_writable.set(1 if value else 0)
-            elif name not in _NESTED_KEYS and _is_number(value):
+            if _is_number(value) and name not in _NOT_STATUS and not name.endswith(_NOT_SUFFIX):
                 counts[name] = float(value)
+        age = next((data[k] for k in _OLDEST_KEYS if k in data), None)
+        if age is None and "oldest_pending_at" in data:
+            at = data["oldest_pending_at"]
+            age = max(0.0, self._clock() - float(at)) if at else 0.0
+        if age is not None or "oldest_pending_at" in data:
+            self.outbox_oldest.set(max(0.0, float(age or 0)))
+        for key in _WRITABLE_KEYS:
+            if key in data:
+                self.outbox_writable.set(1 if data[key] else 0)
         for status in self._outbox_statuses - counts.keys():
             self.outbox_rows.labels(status=status).set(0)
         for status, value in counts.items():
