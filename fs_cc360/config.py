@@ -600,19 +600,14 @@ class Settings:
     def extension_for(self, user: str | None) -> str | None:
         """The CC360 extension for a FreeSWITCH user, or ``None`` if it is not an agent.
 
-        ``[extensions]`` is looked up first (exact, then case-insensitive); the result (or
-        the user itself) must be ASCII digits (spec §1: extensions are digits only) and
-        fully match ``[calls] extension_pattern``.
+        ``[extensions]`` is looked up first (exact match: SIP user names are case
+        sensitive); the result, or the user itself, must be ASCII digits (spec §1:
+        extensions are digits only; ``\\d`` alone would also take other scripts' digits)
+        and fully match ``[calls] extension_pattern``.
         """
         if not user:
             return None
-        extension = self.extensions.get(user)
-        if extension is None:
-            folded = user.casefold()
-            extension = next(
-                (ext for name, ext in self.extensions.items() if name.casefold() == folded),
-                user,
-            )
+        extension = self.extensions.get(user, user)
         if not _ASCII_DIGITS.fullmatch(extension):
             return None
         if not self.calls.extension_pattern.fullmatch(extension):
@@ -722,7 +717,11 @@ def _read_env(env: Mapping[str, str], layers: _Layers, problems: list[_Problem])
         source = ValueSource(SourceKind.ENV, variable)
         section, _, key = variable[len(ENV_PREFIX):].partition("_")
         section, key = section.lower(), key.lower()
-        if section == EXTENSIONS and key:
+        if section == EXTENSIONS:
+            if not key:
+                problems.append(_Problem(None, source, f"{variable}: names no SIP user "
+                                         "(FS_CC360_EXTENSIONS_<USER>)"))
+                continue
             layers[section][key] = (env[variable].strip(), source)
             continue
         if section not in _SECTION_CLASSES:

@@ -187,6 +187,11 @@ def test_unknown_env_section_names_variable() -> None:
     assert "FS_CC360_FOO_BAR" in str(error) and "unknown section" in str(error)
 
 
+def test_env_extension_without_user() -> None:
+    error = config_error(env={"FS_CC360_EXTENSIONS_": "101"}, require_crm=False)
+    assert "FS_CC360_EXTENSIONS_" in str(error) and "names no SIP user" in str(error)
+
+
 def test_unknown_override_names_it() -> None:
     error = config_error(overrides={"crm": {"tokn": "x"}}, require_crm=False)
     assert error.key == "crm.tokn" and "command line" in str(error)
@@ -608,8 +613,8 @@ def test_extensions_map_and_extension_for(tmp_path: pathlib.Path) -> None:
     assert settings.source_of("extensions.carol").kind is SourceKind.ENV
     assert settings.extension_for("alice") == "101"
     assert settings.extension_for("Bob.Smith") == "102"
-    assert settings.extension_for("bob.smith") == "102"  # case-insensitive fallback
-    assert settings.extension_for("Carol") == "103"
+    assert settings.extension_for("bob.smith") is None  # SIP users are case sensitive
+    assert settings.extension_for("carol") == "103"  # env names are lower-cased
     assert settings.extension_for("101") == "101"
     assert settings.extension_for("5") is None  # too short for ^\d{2,7}$
     assert settings.extension_for("dave") is None
