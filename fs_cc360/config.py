@@ -645,8 +645,12 @@ def _raise(problems: list[_Problem]) -> None:
                       source=str(first.source) if first.source is not None else None)
 
 
+def _known_keys(section: str) -> list[str]:
+    return [f.name for f in fields(_SECTION_CLASSES[section])]
+
+
 def _unknown_key_hint(section: str, key: str) -> str:
-    known = [f.name for f in fields(_SECTION_CLASSES[section])]
+    known = _known_keys(section)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown key{hint}; known keys: {', '.join(known)}"
@@ -697,7 +701,7 @@ def _read_file(path: Path, layers: _Layers, problems: list[_Problem]) -> None:
             continue
         for raw_key, value in parser.items(section):
             key = raw_key if name == EXTENSIONS else raw_key.lower()
-            if name != EXTENSIONS and key not in {f.name for f in fields(_SECTION_CLASSES[name])}:
+            if name != EXTENSIONS and key not in _known_keys(name):
                 problems.append(_Problem(f"{name}.{key}", source,
                                          f"[{name}] {raw_key} {source.describe()}: "
                                          f"{_unknown_key_hint(name, key)}"))
@@ -729,7 +733,7 @@ def _read_env(env: Mapping[str, str], layers: _Layers, problems: list[_Problem])
             message = f"{variable}: not a setting (FS_CC360_<SECTION>_<KEY>); {hint}"
             problems.append(_Problem(None, source, message))
             continue
-        if key not in {f.name for f in fields(_SECTION_CLASSES[section])}:
+        if key not in _known_keys(section):
             problems.append(_Problem(f"{section}.{key}", source, f"{variable}: [{section}] "
                                      f"{_unknown_key_hint(section, key)}"))
             continue
@@ -748,7 +752,7 @@ def _read_overrides(overrides: Mapping[str, Mapping[str, Any]], layers: _Layers,
         for key, value in values.items():
             if value is None:
                 continue
-            if name != EXTENSIONS and key not in {f.name for f in fields(_SECTION_CLASSES[name])}:
+            if name != EXTENSIONS and key not in _known_keys(name):
                 problems.append(_Problem(f"{name}.{key}", source,
                                          f"[{name}] {key} {source.describe()}: "
                                          f"{_unknown_key_hint(name, key)}"))
