@@ -337,8 +337,7 @@ class Cc360Client:
                 raise CrmAuthError(f"CRM login at {url} succeeded but set no cookie: a proxy "
                                    f"may strip Set-Cookie; try crm.auth = anonymous",
                                    status=response.status_code)
-            self._cookies.clear()
-            self._cookies.update(session.cookies)
+            self._replace_cookies(session.cookies)
         self._generation += 1
         log.info("crm.login ok user=%s generation=%d csrf=%s elapsed=%.3fs", self._login_name,
                  self._generation, "yes" if self._csrf() else "no", elapsed)
@@ -350,12 +349,16 @@ class Cc360Client:
                 f"CRM login at {url} failed with HTTP {status}: the CRM is having trouble, "
                 f"retry later", status=status,
                 retry_after=parse_retry_after(response.headers.get("Retry-After")))
-        if status == 404 or 300 <= status < 400:
-            where = f" (redirected to {self._scrub(response.headers.get('Location', ''))})" \
-                if 300 <= status < 400 else ""
+        if 300 <= status < 400:
+            location = self._scrub(response.headers.get("Location", ""))
             raise CrmAuthError(
-                f"no Creatio login service at {url}: HTTP {status}{where}; crm.url must be "
-                f"the CRM site's base URL (e.g. https://crm.example.com), or use "
+                f"CRM login at {url} was redirected to {location!r} (HTTP {status}): set "
+                f"crm.url to the CRM site's real base URL (scheme, host, path prefix)",
+                status=status)
+        if status == 404:
+            raise CrmAuthError(
+                f"no Creatio login service at {url} (HTTP 404): crm.url must be the CRM "
+                f"site's base URL (e.g. https://crm.example.com), or use "
                 f"crm.auth = anonymous", status=status)
         if status != 200:
             raise CrmAuthError(
@@ -375,6 +378,20 @@ class Cc360Client:
             raise CrmAuthError(
                 f"CRM login rejected for user {self._login_name!r} (Code={data['Code']}, "
                 f"{message!r}): check crm.login and crm.password", status=status)
+
+    def _replace_cookies(self, fresh: RequestsCookieJar) -> None:
+        """Make the shared jar hold exactly ``fresh``, replacing cookies in place.
+
+        Other lanes may be iterating the jar (``requests`` does when it prepares a
+        request); replacing values keeps the jar's dicts the same size, where ``clear()``
+        followed by ``update()`` would not.
+        """
+        keep = {(c.domain, c.path, c.name) for c in fresh}
+        for cookie in fresh:
+            self._cookies.set_cookie(cookie)
+        for cookie in list(self._cookies):
+            if (cookie.domain, cookie.path, cookie.name) not in keep:
+                self._cookies.clear(cookie.domain, cookie.path, cookie.name)
 
     def _csrf(self) -> str | None:
         # Iterate instead of jar.get(): two BPMCSRF cookies for different paths would raise.
@@ -397,7 +414,7 @@ class Cc360Client:
         try:
             response = session.request(
                 request.method, self.url_for(request, masked=False), headers=headers,
-                json=request.body if request.body is not None else None,
+                json=request.body,
                 timeout=self.timeout, verify=self.verify, allow_redirects=False)
         except requests.RequestException as exc:
             raise self._transport_error(exc, f"send {request.method} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -80,8 +81,10 @@ def _secrets_absent(text: str, *secrets: str) -> bool:
 def test_forms_login_then_bpmcsrf_header_on_every_request(crm: FakeCrm,
                                                           make_client: MakeClient) -> None:
     client = make_client(crm)
-    assert client.send(RINGING) == CrmResponse(200, pytest.approx(0, abs=5),
-                                                '{"Success":true}')
+    response = client.send(RINGING)
+    assert isinstance(response, CrmResponse)
+    assert (response.status, response.text) == (200, '{"Success":true}')
+    assert response.elapsed >= 0
     client.send(SUMMARY)
     client.send(RINGING)
 
@@ -141,9 +144,9 @@ def test_lost_session_relogs_in_once_and_retries(crm: FakeCrm, make_client: Make
     statuses = [r.status for r in crm.event_requests()]
     refused = {"401": 401, "redirect": 302, "html": 200}[style]
     assert statuses == [200, refused, 200]
-    assert crm.events()[-1] == ("PushHistoryData", SUMMARY.params, SUMMARY.body)
-    if style == "html":  # the login page is not mistaken for an accepted event
-        assert len(crm.events()) == 3 and crm.event_requests()[1].headers
+    assert [r.accepted for r in crm.event_requests()] == [True, False, True]
+    assert crm.events() == [("RingingEventHandler", RINGING.params, None),
+                            ("PushHistoryData", SUMMARY.params, SUMMARY.body)]
     client.send(RINGING)  # the new session sticks
     assert crm.logins == 2
 
@@ -359,6 +362,18 @@ def test_client_error_is_rejected(anon_crm: FakeCrm, make_client: MakeClient) ->
     assert client.send(SUMMARY).status == 200
 
 
+def test_redirect_elsewhere_is_unavailable_not_relogin(crm: FakeCrm,
+                                                       make_client: MakeClient) -> None:
+    """A 3xx that is not to a login page is a misconfigured URL: keep the row, no re-login."""
+    client = make_client(crm)
+    client.login()
+    crm.fail_next(307)
+    with pytest.raises(CrmUnavailable) as info:
+        client.send(RINGING)
+    assert info.value.status == 307 and "crm.url" in str(info.value)
+    assert crm.logins == 1
+
+
 def test_strict_fake_rejects_requests_off_the_spec(anon_crm: FakeCrm,
                                                    make_client: MakeClient) -> None:
     bad = CrmRequest("GET", "RingingEventHandler", {"id": "x", "eventName": "ring"})
@@ -493,3 +508,42 @@ def test_works_without_gevent_patching() -> None:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1 (made by the openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30)
+    return str(cert), str(key)
+
+
+def test_tls_verified_by_default(tls_files: tuple[str, str], make_client: MakeClient) -> None:
+    with FakeCrm(mode="anonymous", token=TOKEN, tls=tls_files) as fake:
+        assert fake.url.startswith("https://")
+        with pytest.raises(CrmUnavailable) as info:
+            make_client(fake).send(RINGING)
+        assert "TLS" in str(info.value) and TOKEN not in str(info.value)
+        assert fake.events() == []
+
+
+def test_tls_with_ca_bundle_path(tls_files: tuple[str, str], make_client: MakeClient) -> None:
+    with FakeCrm(mode="forms", token=TOKEN, password=PASSWORD, tls=tls_files) as fake:
+        client = make_client(fake, verify=tls_files[0])
+        assert client.send(SUMMARY).status == 200
+        assert fake.logins == 1 and len(fake.events()) == 1
+
+
+def test_missing_ca_bundle_is_config_error(crm: FakeCrm, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        Cc360Client(crm.url, TOKEN, login="admin", verify=str(tmp_path / "nope.pem"))

@@ -23,8 +23,10 @@ Path segments are percent-decoded one by one, so a token containing ``/`` or ``%
 encoded by the client to match.
 
 Every request is recorded in :attr:`FakeCrm.received` (login too). :meth:`FakeCrm.events`
-gives the *accepted* event requests (2xx) as :class:`Event` tuples, i.e. what the CRM
+gives the *accepted* event requests as :class:`Event` tuples, i.e. what the CRM
 actually stored; failed attempts stay visible in ``received`` with their ``status``.
+
+``tls=(certfile, keyfile)`` serves HTTPS instead, to test certificate verification.
 
 Works with and without gevent monkey-patching (threads are greenlets under the patch).
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -66,6 +69,8 @@ class Received:
     at: float  #: ``time.time()`` when the request arrived
     status: int = 0  #: what the fake answered
     query: str = ""  #: raw query string, as sent
+    #: the CRM took the event in (a login page answered with 200 is *not* accepted)
+    accepted: bool = False
 
     @property
     def is_event(self) -> bool:
@@ -109,7 +114,8 @@ class FakeCrm:
     """
 
     def __init__(self, mode: str = "forms", token: str = "tok123", login: str = "admin",
-                 password: str = "secret", *, prefix: str = "", strict: bool = True) -> None:
+                 password: str = "secret", *, prefix: str = "", strict: bool = True,
+                 tls: tuple[str, str] | None = None) -> None:
         if mode not in ("forms", "anonymous"):
             raise ValueError(f"mode must be 'forms' or 'anonymous', not {mode!r}")
         self.mode = mode
@@ -118,6 +124,11 @@ class FakeCrm:
         self.password = password
         self.prefix = prefix.rstrip("/")
         self.strict = strict
+        #: server-side TLS from (certfile, keyfile); the URL is then https
+        self.tls_context: ssl.SSLContext | None = None
+        if tls is not None:
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(*tls)
         #: seconds every request (login included) waits before being answered
         self.latency: float = 0.0
         #: every request, in arrival-completion order
@@ -143,7 +154,8 @@ class FakeCrm:
     @property
     def url(self) -> str:
         """Base URL of the fake CRM (what goes into ``[crm] url``)."""
-        return f"http://127.0.0.1:{self.port}{self.prefix}"
+        scheme = "https" if self.tls_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.prefix}"
 
     def start(self) -> FakeCrm:
         self._stopping.clear()
@@ -225,10 +237,10 @@ class FakeCrm:
     # -- inspection ------------------------------------------------------------------------
 
     def events(self, accepted_only: bool = True) -> list[Event]:
-        """CC360 event requests in arrival order (by default only those answered 2xx)."""
+        """CC360 event requests in arrival order (by default only the accepted ones)."""
         with self._lock:
             return [Event(r.endpoint, r.params, r.body) for r in self.received
-                    if r.is_event and (not accepted_only or 200 <= r.status < 300)]
+                    if r.is_event and (r.accepted or not accepted_only)]
 
     def event_requests(self) -> list[Received]:
         """Every CC360 event request (accepted or not), with full details."""
@@ -241,7 +253,7 @@ class FakeCrm:
         with self._changed:
             while True:
                 got = sum(1 for r in self.received if r.is_event
-                          and (not accepted_only or 200 <= r.status < 300))
+                          and (r.accepted or not accepted_only))
                 if got >= n:
                     return True
                 left = deadline - time.monotonic()
@@ -300,11 +312,15 @@ def _cookies(header: str | None) -> dict[str, str]:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    _accepted = False
     protocol_version = "HTTP/1.1"  # keep-alive, like IIS: the client's pool gets exercised
     disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms stalls
     server: _Server
 
     def setup(self) -> None:
+        context = self.server.fake.tls_context
+        if context is not None:  # handshake here, in the connection's thread, not in accept
+            self.request = self.connection = context.wrap_socket(self.request, server_side=True)
         super().setup()
         with self.server.fake._lock:
             self.server.fake._connections.add(self.connection)
@@ -351,6 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake._wait_latency()
 
         endpoint, token = self._route(fake, raw_path)
+        self._accepted = False
         if endpoint == "Login":
             status = self._login(fake, body, body_error)
         elif endpoint in ENDPOINTS:
@@ -358,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             status = self._reply(404, "text/plain", b"Not Found")
         fake._record(Received(self.command, raw_path, endpoint, params, body, headers, at,
-                              status, query))
+                              status, query, self._accepted))
 
     def _route(self, fake: FakeCrm, raw_path: str) -> tuple[str | None, str | None]:
         """(endpoint, decoded token) for a path, or (None, None) when nothing matches."""
@@ -422,6 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
         if problem:
             return self._reply(400, "application/json",
                                json.dumps({"Success": False, "Message": problem}).encode())
+        self._accepted = True
         return self._reply(200, "application/json", b'{"Success":true}')
 
     def _check_session(self, fake: FakeCrm, headers: dict[str, str]) -> int | None:
