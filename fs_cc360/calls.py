@@ -311,7 +311,10 @@ class CallTracker:
 
     def _as_extension(self, user: str) -> str | None:
         mapped = self.config.extensions.get(user, user)
-        return mapped if self._pattern.match(mapped) else None
+        # The spec: an extension is ASCII digits only (\d alone also matches other scripts).
+        if mapped.isascii() and mapped.isdigit() and self._pattern.fullmatch(mapped):
+            return mapped
+        return None
 
     def _is_extension_number(self, number: str) -> bool:
         return bool(number) and self._as_extension(number) is not None
