@@ -38,6 +38,10 @@ DEFAULT_TEMPLATE = "{vars}user/{agent} {client} XML default"
 MAX_EXTENSION_DIGITS = 15
 
 TEMPLATE_FIELDS = ("vars", "agent", "client")
+#: What ``second`` may contain before normalisation: digits and the usual decoration (a
+#: space too: an unencoded ``+`` in a query string arrives as one).
+_PHONE_INPUT = re.compile(r"[0-9 ()+\-.]+")
+MAX_PHONE_CHARS = 40
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 _SAFE_VALUE = re.compile(r"[0-9A-Za-z-]+")
 _REASON = re.compile(r"[A-Z0-9_]{1,48}")
@@ -197,6 +201,9 @@ class MakeCall:
     def check_client(self, second: str | None) -> str:
         if second is None or second == "":
             raise MakeCallError("second", "missing")
+        if len(second) > MAX_PHONE_CHARS or not _PHONE_INPUT.fullmatch(second):
+            # Stricter than phone_or_none, which strips (a trailing newline would pass).
+            raise MakeCallError("second", "not a phone number")
         phone = self._rules.phone_or_none(second)
         if phone is None or not _ASCII_DIGITS.fullmatch(phone):
             raise MakeCallError("second", "not a phone number")
