@@ -1,24 +1,19 @@
-"""Read the real FreeSWITCH captures in tests/captures/ and derive new calls from them.
-
-``capture_frames(name)`` gives the raw ``text/event-plain`` bodies of a capture, in order.
-``remap(frames, seed)`` turns one real call into another call of the same kind: every
-UUID is replaced consistently and timestamps are shifted, so tests can check that the
-rules generalise (different UUIDs, several calls interleaved on one connection).
-"""
+"""The test suite's view of the real captures in tests/captures/ (no ../shared needed)."""
 
 from __future__ import annotations
 
 import pathlib
-import random
-import re
-import uuid
 
-from fs_cc360.events import FrameReader
+from fs_cc360.simulators.captures import (  # noqa: F401
+    event_frame,
+    frames_of,
+    interleave,
+    remap,
+    shift_to_now,
+)
 
 CAPTURES = pathlib.Path(__file__).resolve().parent.parent / "captures"
 SCENARIOS = sorted(p.stem for p in CAPTURES.glob("*.esl"))
-
-_UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def capture_path(name: str) -> pathlib.Path:
@@ -31,60 +26,4 @@ def capture_bytes(name: str) -> bytes:
 
 def capture_frames(name: str) -> list[bytes]:
     """The bodies of the capture's ``text/event-plain`` frames, in arrival order."""
-    frames = FrameReader().feed(capture_bytes(name))
-    return [f.body for f in frames if f.content_type == "text/event-plain"]
-
-
-def remap(frames: list[bytes], seed: int, *, keep_core: bool = True,
-          replace: dict[bytes, bytes] | None = None) -> list[bytes]:
-    """A copy of ``frames`` with fresh UUIDs (consistent across frames) and extra byte
-    replacements (e.g. ``{b"79991234567": b"78120000001"}``).
-
-    The FreeSWITCH ``Core-UUID`` is kept when ``keep_core`` so the copy looks like it
-    came from the same switch. Content-Length headers inside bodies stay valid because
-    a UUID keeps its length; replacements must keep lengths too.
-    """
-    rng = random.Random(seed)
-    mapping: dict[bytes, bytes] = {}
-    core = set()
-    if keep_core:
-        for body in frames:
-            m = re.search(rb"\nCore-UUID: (\S+)", b"\n" + body)
-            if m:
-                core.add(m.group(1))
-
-    def sub(m: re.Match[bytes]) -> bytes:
-        old = m.group(0)
-        if old in core:
-            return old
-        if old not in mapping:
-            mapping[old] = str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
-        return mapping[old]
-
-    out = []
-    for body in frames:
-        body = _UUID.sub(sub, body)
-        for old, new in (replace or {}).items():
-            if len(old) != len(new):
-                raise ValueError("replacements must keep the length")
-            body = body.replace(old, new)
-        out.append(body)
-    return out
-
-
-def interleave(calls: list[list[bytes]], seed: int) -> list[bytes]:
-    """Merge several calls' frame lists into one stream, each call's order kept."""
-    rng = random.Random(seed)
-    queues = [list(c) for c in calls if c]
-    out: list[bytes] = []
-    while queues:
-        q = rng.choice(queues)
-        out.append(q.pop(0))
-        if not q:
-            queues.remove(q)
-    return out
-
-
-def event_frame(body: bytes) -> bytes:
-    """Wrap an event body as FreeSWITCH sends it on the wire."""
-    return b"Content-Length: %d\nContent-Type: text/event-plain\n\n%s" % (len(body), body)
+    return frames_of(capture_bytes(name))
