@@ -439,11 +439,11 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
             return _UNSATISFIABLE
         return max(0, size - n), size - 1
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None
     if start >= size:
         return _UNSATISFIABLE
+    end = int(last) if last else size - 1
     return start, min(end, size - 1)
 
 
