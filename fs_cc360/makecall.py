@@ -239,10 +239,10 @@ class MakeCall:
 
     def on_job_result(self, job_uuid: str, body: str | bytes) -> bool:
         """Record a BACKGROUND_JOB's outcome; ``False`` when the job is not a makecall."""
-        placed = self._jobs.pop(job_uuid, None)
+        placed = self._jobs.get(job_uuid)
         if placed is None:
             return False
-        self._jobs.pop(placed.job_uuid, None)
+        self._forget_jobs(placed)
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
         line = text.strip().splitlines()[0].strip() if text.strip() else ""
         ok = line.startswith("+OK")
@@ -290,6 +290,11 @@ class MakeCall:
     def _drop(self, placed: _Placed) -> None:
         if self._agents.get(placed.agent) is placed:
             del self._agents[placed.agent]
+        self._forget_jobs(placed)
+
+    def _forget_jobs(self, placed: _Placed) -> None:
+        """Remove every key of ``placed`` (the Job-UUID sent, and the one FreeSWITCH
+        returned when it differs)."""
         for key in [k for k, v in self._jobs.items() if v is placed]:
             del self._jobs[key]
 
