@@ -18,7 +18,6 @@ import gevent
 import pytest
 
 from fs_cc360.errors import ConfigError, EslConnectionError
-from fs_cc360.esl import EslClient
 from fs_cc360.makecall import (
     DEFAULT_TEMPLATE,
     MakeCall,
@@ -29,11 +28,12 @@ from fs_cc360.makecall import (
 )
 from fs_cc360.metrics import Metrics
 from fs_cc360.numbers import NumberRules
-from tests.fakes.esl import FakeFreeSwitch
 from tests.test_webapi import (
     CALL_1,
     EXTENSIONS,
+    HOSTILE_QUERIES,
     JOB_1,
+    TOKEN,
     FakeClock,
     RecordingBgapi,
     expected_originate,
@@ -234,8 +234,14 @@ def test_esl_down_frees_the_agent() -> None:
 
 @contextlib.contextmanager
 def esl_to_fake(bgapi_result: Callable[[str], str] | None = None
-                ) -> Iterator[tuple[FakeFreeSwitch, EslClient, dict[str, MakeCall]]]:
-    """A FakeFreeSwitch and a connected EslClient whose ``on_job`` feeds ``holder['mc']``."""
+                ) -> Iterator[tuple[Any, Any, dict[str, MakeCall]]]:
+    """A FakeFreeSwitch and a connected EslClient whose ``on_job`` feeds ``holder['mc']``.
+
+    Imported here, not at the top, so the unit tests above still run in a checkout that
+    lacks the ESL client or its fake.
+    """
+    EslClient = pytest.importorskip("fs_cc360.esl").EslClient  # noqa: N806
+    FakeFreeSwitch = pytest.importorskip("tests.fakes.esl").FakeFreeSwitch  # noqa: N806
     holder: dict[str, MakeCall] = {}
     kwargs = {"bgapi_result": bgapi_result} if bgapi_result else {}
     with FakeFreeSwitch(**kwargs) as fs:
@@ -317,3 +323,19 @@ def test_webapi_over_esl_end_to_end(tmp_path: pathlib.Path) -> None:
         assert s.get(s.makecall_url(), params={"first": "102", "second": "555"}
                      ).status_code == 200
         assert len([c for c in fs.commands if c.startswith("bgapi")]) == 2
+
+
+def test_hostile_input_never_reaches_freeswitch(tmp_path: pathlib.Path) -> None:
+    with esl_to_fake() as (fs, client, holder), \
+            running_stack(tmp_path, bgapi=client.bgapi) as s:
+        holder["mc"] = s.makecall
+        for query, param in HOSTILE_QUERIES:
+            status, _, body = s.raw("GET", s.makecall_url() + "?" + query)
+            assert status == 400 and param in body.decode(), query
+        for token in ("wrong", "", TOKEN.upper()):
+            assert s.raw("GET", f"/webapi/{token}/makecall?first=101&second=555")[0] == 403
+        assert s.get(s.makecall_url(), params={"first": "103", "second": "555"}
+                     ).status_code == 200  # the connection works: the 4xx were ours
+        assert fs.wait_for_command("bgapi ") is not None
+        assert [c for c in fs.commands if c.startswith("bgapi")] == [
+            "bgapi " + expected_originate(CALL_1, "103", "555") + "\nJob-UUID: " + JOB_1]
