@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+import gevent.ssl
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
@@ -507,6 +508,16 @@ class _Handler(WSGIHandler):
         return mask_tokens(super().format_request())
 
 
+def _tls_context(certfile: str | os.PathLike[str] | None,
+                 keyfile: str | os.PathLike[str] | None) -> gevent.ssl.SSLContext:
+    """A server context with today's defaults (TLS 1.2+); gevent's class, so the sockets
+    it wraps cooperate with the hub whether or not ``ssl`` was monkey-patched."""
+    context = gevent.ssl.create_default_context(gevent.ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = gevent.ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(os.fspath(certfile or ""), os.fspath(keyfile or ""))
+    return context
+
+
 def serve(
     app: Callable[..., Iterable[bytes]],
     listen: tuple[str, int],
@@ -524,7 +535,7 @@ def serve(
     """
     ssl_args: dict[str, Any] = {}
     if certfile or keyfile:
-        ssl_args = {"certfile": str(certfile), "keyfile": str(keyfile or certfile)}
+        ssl_args = {"ssl_context": _tls_context(certfile or keyfile, keyfile or certfile)}
     host = listen[0] or "0.0.0.0"
     server = WSGIServer(
         (host, listen[1]),

@@ -13,6 +13,9 @@ import itertools
 import json
 import logging
 import pathlib
+import shutil
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -585,3 +588,51 @@ def test_mask_tokens() -> None:
         "GET /webapi/***/makecall?first=1 HTTP/1.1")
     assert mask_tokens("https://pbx/abc123/recording/x.mp3") == "https://pbx/***/recording/x.mp3"
     assert mask_tokens("/metrics?a=1&token=zzz&b=2") == "/metrics?a=1&token=***&b=2"
+
+
+# -- server ------------------------------------------------------------------------------
+
+def test_silent_client_is_disconnected(tmp_path: pathlib.Path) -> None:
+    """A client that sends half a request and goes quiet loses its connection (slot)."""
+    with running_stack(tmp_path) as s:
+        app = s.server.application
+    server = serve(app, ("127.0.0.1", 0), max_connections=2, timeout=0.2)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=10)
+        with sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            received = b""
+            for _ in range(100):  # bounded: each recv waits at most the socket timeout
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+            else:
+                pytest.fail("the server kept the silent connection open")
+        assert TOKEN.encode() not in received
+    finally:
+        server.stop(timeout=1)
+
+
+def test_tls_with_cert_and_key(tmp_path: pathlib.Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    with running_stack(tmp_path / "rec") as s:
+        app = s.server.application
+    server = serve(app, ("127.0.0.1", 0), certfile=cert, keyfile=key)
+    try:
+        with requests.Session() as session:
+            session.trust_env = False
+            resp = session.get(f"https://127.0.0.1:{server.server_port}/healthz",
+                               verify=str(cert), timeout=10, headers={"Connection": "close"})
+        assert resp.status_code == 200 and resp.json() == {"esl": True, "outbox": True}
+    finally:
+        server.stop(timeout=1)
