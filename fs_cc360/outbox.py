@@ -1,0 +1,1019 @@
+"""The durable outbox: every CC360 request is committed here before any delivery attempt.
+
+One row per CC360 request, ordered per call by ``call_key`` (the CC360 ``id``) and the
+monotonic row ``id``. The delivery loop claims only the *head* of each key (its
+lowest-id row that is not final yet), so ringing → answer → hangup → summary of one
+call never overtake each other, while different calls go in parallel.
+
+Row life cycle::
+
+    enqueue ──> pending ──claim_due──> inflight ──mark_delivered──> delivered ──purge──> (gone)
+                  ^  ^                    │  │
+                  │  └──mark_retry────────┘  ├──mark_dead──> dead ─┐
+                  │  (reclaim / release)     └──mark_expired──> expired
+                  └──────────────requeue──────────────────────────┘
+
+How claiming stays cheap with a million pending rows: each row carries ``is_head``,
+kept true for exactly one non-final row per key (the lowest id) by every write that
+changes which row that is (enqueue, a row becoming final, requeue). A *partial* index
+on ``(next_attempt_at, id) WHERE status = 'pending' AND is_head = 1`` then holds only
+claimable heads in due order, so ``claim_due`` reads ``limit`` index entries and stops;
+the followers of a call (which are pending and "due" too) are never visited. The
+partial-index conditions are written as SQL literals on purpose: SQLite only uses a
+partial index when the query repeats its condition with the same constants, never with
+bound parameters.
+
+:class:`Outbox` is plain synchronous code (the CLI uses it directly while the service
+runs, WAL lets both work at once). :class:`OutboxWriter` puts one behind a single
+native thread for the gevent service; see its docstring.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import gevent
+import peewee
+from gevent.event import AsyncResult
+from gevent.monkey import get_original
+from gevent.threadpool import ThreadPool
+
+from fs_cc360.crm_request import CrmRequest
+from fs_cc360.errors import OutboxError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: Rows fetched per query by :meth:`Outbox.list_rows` and deleted per transaction by purge.
+PAGE_SIZE = 500
+PURGE_BATCH = 1000
+
+
+class OutboxStatus(str, enum.Enum):  # noqa: UP042 (StrEnum is 3.11+, we support 3.10)
+    """Where a row is in its life cycle (``str`` so it prints and serialises as its value)."""
+
+    pending = "pending"  #: waiting for its turn (its key's head) and its next_attempt_at
+    inflight = "inflight"  #: claimed by a deliverer, protected by ``lease_until``
+    delivered = "delivered"  #: the CRM accepted it (final)
+    dead = "dead"  #: the CRM rejected it for good (final, kept for ``requeue``)
+    expired = "expired"  #: a realtime event whose turn came too late (final)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({OutboxStatus.delivered, OutboxStatus.dead, OutboxStatus.expired})
+_OPEN = "('pending', 'inflight')"  # SQL literal: the non-final statuses
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """One request to enqueue."""
+
+    call_key: str  #: the CC360 ``id``; rows of one key are delivered in enqueue order
+    kind: str  #: ``ringing`` / ``answer`` / ``hangup`` / ``summary``
+    request: CrmRequest
+    user: str = ""  #: denormalised for listing
+    callerid: str = ""  #: denormalised for listing
+    event_at: float | None = None  #: FreeSWITCH time of the event (realtime TTL counts from it)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A snapshot of one outbox row (never the live peewee model)."""
+
+    id: int
+    call_key: str
+    kind: str
+    user: str
+    callerid: str
+    request: str  #: JSON text of :meth:`CrmRequest.to_json`
+    status: OutboxStatus
+    attempts: int  #: failed attempts so far (reset by requeue)
+    rejections: int  #: of which permanent 4xx rejections
+    next_attempt_at: float
+    lease_until: float | None
+    last_status: int | None  #: last HTTP status seen
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    delivered_at: float | None
+    event_at: float | None
+
+    def crm_request(self) -> CrmRequest:
+        return CrmRequest.from_json(self.request)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (``status`` as its string value)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["status"] = self.status.value
+        return data
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """Counts and times an operator (``outbox stats``) or a metrics scrape needs."""
+
+    counts: dict[OutboxStatus, int] = field(default_factory=dict)  #: every status, 0 if none
+    by_kind: dict[tuple[OutboxStatus, str], int] = field(default_factory=dict)
+    total: int = 0
+    oldest_pending_at: float | None = None  #: created_at of the oldest pending/inflight row
+    next_due_at: float | None = None  #: earliest next_attempt_at of a claimable head
+    last_delivered_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def count(self, status: OutboxStatus | str) -> int:
+        return self.counts.get(OutboxStatus(status), 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": {status.value: n for status, n in self.counts.items()},
+            "by_kind": [
+                {"status": status.value, "kind": kind, "count": n}
+                for (status, kind), n in sorted(self.by_kind.items())
+            ],
+            "total": self.total,
+            "oldest_pending_at": self.oldest_pending_at,
+            "next_due_at": self.next_due_at,
+            "last_delivered_at": self.last_delivered_at,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
+
+
+class _AutoIncrementField(peewee.AutoField):
+    """``INTEGER PRIMARY KEY AUTOINCREMENT``: SQLite never reuses an id, even after the
+    newest rows are purged, so ids stay monotonic (``playhouse.sqlite_ext`` has the same)."""
+
+    def ddl(self, ctx: Any) -> Any:
+        return peewee.NodeList((super().ddl(ctx), peewee.SQL("AUTOINCREMENT")))
+
+
+class OutboxEntry(peewee.Model):
+    """Table ``outbox``: the unbound template; each :class:`Outbox` binds a subclass."""
+
+    id = _AutoIncrementField()
+    call_key = peewee.TextField()
+    kind = peewee.TextField()
+    user = peewee.TextField(default="")
+    callerid = peewee.TextField(default="")
+    request = peewee.TextField()
+    status = peewee.TextField(default=OutboxStatus.pending.value)
+    is_head = peewee.BooleanField(default=False)
+    attempts = peewee.IntegerField(default=0)
+    rejections = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.DoubleField()
+    lease_until = peewee.DoubleField(null=True)
+    last_status = peewee.IntegerField(null=True)
+    last_error = peewee.TextField(null=True)
+    created_at = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
+    delivered_at = peewee.DoubleField(null=True)
+    event_at = peewee.DoubleField(null=True)
+
+    class Meta:
+        table_name = "outbox"
+
+
+class OutboxMeta(peewee.Model):
+    """Table ``outbox_meta``: a few key/value facts (last error) kept O(1) to read."""
+
+    key = peewee.TextField(primary_key=True)
+    value = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "outbox_meta"
+
+
+_ROW_FIELDS = tuple(Row.__dataclass_fields__)
+
+# Index names are part of the schema; tests assert the claim uses ``outbox_due``.
+_INDEXES = (
+    # claimable heads in due order (see the module docstring)
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, id) "
+    "WHERE status = 'pending' AND is_head = 1",
+    # per-call lookups: head refresh, has_request, list by call
+    "CREATE INDEX IF NOT EXISTS outbox_key ON outbox (call_key, id)",
+    # listing by status newest first, oldest pending
+    "CREATE INDEX IF NOT EXISTS outbox_status ON outbox (status, id)",
+    # stats: GROUP BY status, kind reads only this index
+    "CREATE INDEX IF NOT EXISTS outbox_status_kind ON outbox (status, kind)",
+    # lease reclaim: only the few in-flight rows
+    "CREATE INDEX IF NOT EXISTS outbox_lease ON outbox (lease_until) WHERE status = 'inflight'",
+    # retention purge and last_delivered_at
+    "CREATE INDEX IF NOT EXISTS outbox_delivered ON outbox (delivered_at) "
+    "WHERE status = 'delivered'",
+)
+
+
+_INSERT_SQL = (
+    "INSERT INTO outbox (call_key, kind, user, callerid, request, status, is_head, attempts, "
+    "rejections, next_attempt_at, created_at, updated_at, event_at) "
+    "VALUES (?, ?, ?, ?, ?, 'pending', ?, 0, 0, ?, ?, ?, ?)"
+)
+
+
+def _bind_models(db: peewee.Database) -> tuple[type[OutboxEntry], type[OutboxMeta]]:
+    """Subclasses of the templates bound to ``db``: two outboxes never share a model."""
+
+    class Entry(OutboxEntry):
+        class Meta:
+            database = db
+            table_name = "outbox"
+
+    class Meta_(OutboxMeta):
+        class Meta:
+            database = db
+            table_name = "outbox_meta"
+
+    return Entry, Meta_
+
+
+def _sqlite_error_of(exc: BaseException) -> BaseException:
+    """The driver error peewee wrapped (first in ``args``, or up the context chain)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None or isinstance(seen, sqlite3.Error):
+            break
+        first = seen.args[0] if seen.args else None
+        seen = first if isinstance(first, BaseException) else (seen.__cause__ or seen.__context__)
+    return seen if isinstance(seen, sqlite3.Error) else exc
+
+
+def _explain(path: str, exc: BaseException) -> str:
+    """An operator-facing message: which file, what is wrong, what to do."""
+    orig = _sqlite_error_of(exc)
+    code = getattr(orig, "sqlite_errorname", "") or ""
+    text = str(orig)
+    lowered = text.lower()
+    if code.startswith("SQLITE_READONLY") or "readonly" in lowered or "read-only" in lowered:
+        return (f"outbox {path} is read-only ({text}): check the permissions of the file, "
+                "its -wal/-shm files and its directory")
+    if code == "SQLITE_FULL" or "disk is full" in lowered:
+        return f"outbox {path}: disk full ({text}): free space on that volume"
+    if code.startswith("SQLITE_BUSY") or "locked" in lowered:
+        return (f"outbox {path} is locked by another process ({text}): "
+                "a long-running command may hold it; retry, or raise busy_timeout")
+    if code.startswith("SQLITE_CANTOPEN") or "unable to open" in lowered:
+        return (f"outbox {path} cannot be opened ({text}): check that the directory exists "
+                "and is writable by this user")
+    if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in lowered \
+            or "not a database" in lowered:
+        return (f"outbox {path} is corrupt or not an outbox database ({text}): "
+                "move it aside and restore it from a backup")
+    if code.startswith("SQLITE_IOERR") or "i/o error" in lowered:
+        return f"outbox {path}: I/O error ({text}): check the disk and the kernel log"
+    return f"outbox {path}: {type(orig).__name__}: {text}"
+
+
+class Outbox:
+    """The outbox in one SQLite database (file path or ``sqlite:///path`` URL).
+
+    Every method is one short transaction (writes take ``BEGIN IMMEDIATE``, so a writer
+    waits for the lock up front instead of failing at commit); nothing slow ever runs
+    inside one. Errors from the driver come out as :class:`OutboxError` whose message
+    names the file and what to do, with the driver error in ``.orig``.
+
+    Threading: one SQLite connection per instance. Any number of greenlets of one
+    thread may share it (no method yields to the hub); calls from several native threads
+    are serialised by a native lock. For the gevent service use :class:`OutboxWriter`.
+    """
+
+    def __init__(
+        self,
+        database: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        sync = str(synchronous).upper()
+        if sync not in _SYNCHRONOUS:
+            raise OutboxError(f"outbox synchronous={synchronous!r} is invalid: "
+                              f"use one of {', '.join(_SYNCHRONOUS)}")
+        self.synchronous = sync
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self._clock = clock
+        pragmas = [
+            ("journal_mode", "wal"),
+            ("synchronous", sync),
+            ("busy_timeout", self.busy_timeout_ms),
+            ("foreign_keys", 1),
+        ]
+        options: dict[str, Any] = {
+            "pragmas": pragmas,
+            "timeout": self.busy_timeout_ms / 1000.0,
+            "thread_safe": False,  # one connection per Outbox; see the class docstring
+            "check_same_thread": False,  # OutboxWriter opens it in its own thread
+        }
+        self._db = self._open(database, options)
+        self.path: str = self._db.database
+        # A native lock even under monkey-patching: it is never held across a yield.
+        self._lock = get_original("_thread", "RLock")()
+        self._Entry, self._Meta = _bind_models(self._db)
+        with self._errors():
+            self._db.connect(reuse_if_open=True)
+            self._create_schema()
+            self._check_pragmas()
+
+    @staticmethod
+    def _open(database: str, options: dict[str, Any]) -> peewee.SqliteDatabase:
+        if "://" not in database:
+            return peewee.SqliteDatabase(database, **options)
+        scheme = database.split("://", 1)[0].lower()
+        if scheme != "sqlite":
+            raise OutboxError(
+                f"outbox database URL scheme {scheme!r} is not supported: "
+                "use a file path or sqlite:///relative/path or sqlite:////absolute/path")
+        from playhouse import db_url  # the edge: only URLs need playhouse
+
+        try:
+            db = db_url.connect(database, **options)
+        except (RuntimeError, ValueError) as exc:
+            raise OutboxError(f"outbox database URL {database!r} is invalid: {exc}",
+                              orig=exc) from exc
+        assert isinstance(db, peewee.SqliteDatabase)
+        return db
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OutboxError:
+            raise
+        except (peewee.PeeweeException, sqlite3.Error) as exc:
+            raise OutboxError(_explain(self.path, exc), orig=_sqlite_error_of(exc)) from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[None]:
+        with self._lock, self._errors():
+            yield
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        with self._lock, self._errors(), self._db.atomic("IMMEDIATE"):
+            yield
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    def _create_schema(self) -> None:
+        version = self._db.execute_sql("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise OutboxError(
+                f"outbox {self.path} has schema version {version}, newer than this "
+                f"fs-cc360 understands ({SCHEMA_VERSION}): upgrade fs-cc360")
+        with self._db.atomic("IMMEDIATE"):
+            self._db.create_tables([self._Entry, self._Meta], safe=True)
+            for ddl in _INDEXES:
+                self._db.execute_sql(ddl)
+            if version < SCHEMA_VERSION:
+                self._db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_pragmas(self) -> None:
+        mode = self._db.execute_sql("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal" and self.path != ":memory:":
+            log.warning("outbox.no_wal path=%s journal_mode=%s", self.path, mode)
+
+    def pragma(self, name: str) -> Any:
+        """The current value of a SQLite pragma (for tests and ``check-config``)."""
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"not a pragma name: {name!r}")
+        with self._read():
+            row = self._db.execute_sql(f"PRAGMA {name}").fetchone()
+        return row[0] if row else None
+
+    def _row(self, data: dict[str, Any]) -> Row:
+        values = {name: data[name] for name in _ROW_FIELDS}
+        values["status"] = OutboxStatus(values["status"])
+        return Row(**values)
+
+    def _select(self) -> peewee.ModelSelect:
+        entry = self._Entry
+        return entry.select(*(getattr(entry, name) for name in _ROW_FIELDS))
+
+    def _refresh_heads(self, keys: Iterable[str]) -> None:
+        """Make ``is_head`` true for exactly the lowest-id non-final row of each key."""
+        for key in set(keys):
+            self._db.execute_sql(
+                "UPDATE outbox SET is_head = (id IS (SELECT MIN(id) FROM outbox "
+                f"  WHERE call_key = ?1 AND status IN {_OPEN})) "
+                f"WHERE call_key = ?1 AND (is_head = 1 OR status IN {_OPEN})",
+                (key,),
+            )
+
+    def _set_meta(self, key: str, value: str | None) -> None:
+        self._Meta.insert(key=key, value=value).on_conflict_replace().execute()
+
+    def _record_error(self, error: str, now: float) -> None:
+        self._set_meta("last_error", error)
+        self._set_meta("last_error_at", repr(now))
+
+    # -- writes -----------------------------------------------------------------------
+
+    def enqueue(self, items: Sequence[NewItem], *, now: float | None = None) -> list[int]:
+        """Commit ``items`` in one transaction; returns their ids, in order."""
+        if not items:
+            return []
+        now = self._now(now)
+        ids: list[int] = []
+        with self._write():
+            # Plain cursor calls (sqlite3 caches the two statements): peewee's query
+            # building would cost more than the insert itself on a large batch.
+            cursor = self._db.cursor()
+            open_keys: set[str] = set()
+            for item in items:
+                if item.call_key in open_keys:
+                    head = False
+                else:
+                    head = cursor.execute(
+                        f"SELECT 1 FROM outbox WHERE call_key = ? AND status IN {_OPEN} LIMIT 1",
+                        (item.call_key,),
+                    ).fetchone() is None
+                    open_keys.add(item.call_key)
+                cursor.execute(_INSERT_SQL, (
+                    item.call_key, item.kind, item.user or "", item.callerid or "",
+                    item.request.to_json(), int(head), now, now, now, item.event_at))
+                ids.append(cursor.lastrowid)
+        return ids
+
+    def claim_due(
+        self,
+        now: float,
+        limit: int,
+        lease_seconds: float,
+        exclude_keys: Collection[str] = (),
+    ) -> list[Row]:
+        """Claim up to ``limit`` due heads, at most one per key, earliest due first.
+
+        Claimed rows become ``inflight`` with ``lease_until = now + lease_seconds``; the
+        returned snapshots show them as they were claimed. A key whose head is in flight,
+        not due, or listed in ``exclude_keys`` yields nothing.
+        """
+        if limit <= 0:
+            return []
+        exclude = list(exclude_keys)
+        sql = _claim_sql(len(exclude))
+        params = [now, *exclude, limit]
+        lease_until = now + lease_seconds
+        entry = self._Entry
+        with self._write():
+            ids = [row[0] for row in self._db.execute_sql(sql, params).fetchall()]
+            if not ids:
+                return []
+            (entry.update(status=OutboxStatus.inflight.value, lease_until=lease_until,
+                          updated_at=now)
+             .where(entry.id.in_(ids)).execute())
+            rows = {data["id"]: self._row(data)
+                    for data in self._select().where(entry.id.in_(ids)).dicts()}
+        return [rows[i] for i in ids]
+
+    def mark_delivered(self, id: int, status_code: int | None, now: float | None = None) -> None:
+        now = self._now(now)
+        entry = self._Entry
+        with self._write():
+            key = self._key_of(id)
+            (entry.update(status=OutboxStatus.delivered.value, is_head=False, lease_until=None,
+                          last_status=status_code, delivered_at=now, updated_at=now)
+             .where(entry.id == id).execute())
+            if key is not None:
+                self._refresh_heads([key])
+
+    def mark_retry(
+        self,
+        id: int,
+        next_attempt_at: float,
+        error: str,
+        status_code: int | None = None,
+        *,
+        rejected: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """A failed attempt: ``attempts + 1`` (and ``rejections + 1`` when the CRM said 4xx),
+        back to ``pending`` until ``next_attempt_at``; the row stays its key's head."""
+        now = self._now(now)
+        entry = self._Entry
+        with self._write():
+            (entry.update(status=OutboxStatus.pending.value, lease_until=None,
+                          attempts=entry.attempts + 1,
+                          rejections=entry.rejections + (1 if rejected else 0),
+                          next_attempt_at=next_attempt_at, last_error=error,
+                          last_status=status_code, updated_at=now)
+             .where(entry.id == id).execute())
+            self._record_error(error, now)
+
+    def mark_dead(
+        self,
+        id: int,
+        error: str,
+        status_code: int | None = None,
+        *,
+        rejected: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """Final failure: kept (for ``requeue``), no longer blocks its key."""
+        now = self._now(now)
+        entry = self._Entry
+        with self._write():
+            key = self._key_of(id)
+            (entry.update(status=OutboxStatus.dead.value, is_head=False, lease_until=None,
+                          attempts=entry.attempts + 1,
+                          rejections=entry.rejections + (1 if rejected else 0),
+                          last_error=error, last_status=status_code, updated_at=now)
+             .where(entry.id == id).execute())
+            self._record_error(error, now)
+            if key is not None:
+                self._refresh_heads([key])
+
+    def mark_expired(self, id: int, now: float | None = None) -> None:
+        """A realtime event whose turn came too late: final, never sent."""
+        now = self._now(now)
+        entry = self._Entry
+        with self._write():
+            key = self._key_of(id)
+            (entry.update(status=OutboxStatus.expired.value, is_head=False, lease_until=None,
+                          updated_at=now)
+             .where(entry.id == id).execute())
+            if key is not None:
+                self._refresh_heads([key])
+
+    def _key_of(self, id: int) -> str | None:
+        row = self._db.execute_sql("SELECT call_key FROM outbox WHERE id = ?", (id,)).fetchone()
+        return row[0] if row else None
+
+    def reclaim_expired_leases(self, now: float) -> int:
+        """In-flight rows whose lease ended before ``now`` (their deliverer died) → pending.
+
+        The interrupted attempt is not counted: it may or may not have reached the CRM,
+        so the row is sent again (at-least-once delivery).
+        """
+        with self._write():
+            cursor = self._db.execute_sql(
+                "UPDATE outbox SET status = 'pending', lease_until = NULL, updated_at = ? "
+                "WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_lease "
+                "  WHERE status = 'inflight' AND lease_until < ?)",
+                (now, now),
+            )
+            count = cursor.rowcount
+        if count:
+            log.info("outbox.reclaimed count=%d", count)
+        return count
+
+    def release_leases(self, ids: Iterable[int] | None = None, *, now: float | None = None) -> int:
+        """Give in-flight rows back (``ids``, or all of them at start-up) without an attempt.
+
+        At start-up no delivery of ours can still be running, so every lease is stale.
+        """
+        now = self._now(now)
+        entry = self._Entry
+        with self._write():
+            query = entry.update(status=OutboxStatus.pending.value, lease_until=None,
+                                 updated_at=now).where(
+                entry.status == OutboxStatus.inflight.value)
+            if ids is not None:
+                id_list = list(ids)
+                if not id_list:
+                    return 0
+                query = query.where(entry.id.in_(id_list))
+            return query.execute()
+
+    def requeue(
+        self,
+        ids: Iterable[int] | None = None,
+        statuses: Iterable[OutboxStatus | str] = (OutboxStatus.dead, OutboxStatus.expired),
+        kinds: Iterable[str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        dry_run: bool = False,
+        *,
+        now: float | None = None,
+    ) -> list[Row]:
+        """Send matching final rows again: back to ``pending``, attempts reset, due now.
+
+        Only dead and expired rows by default (``statuses`` may add ``delivered`` for a
+        replay). ``since``/``until`` bound ``created_at``. Returns the matched rows as they
+        were before (what would be requeued, with ``dry_run``). Per-call order holds: a
+        requeued row has a lower id than any later row of its call, so it is the head again.
+        """
+        now = self._now(now)
+        status_values = [OutboxStatus(s).value for s in statuses]
+        if OutboxStatus.pending.value in status_values or \
+                OutboxStatus.inflight.value in status_values:
+            raise ValueError("requeue only takes final statuses (delivered, dead, expired)")
+        entry = self._Entry
+        query = self._select().where(entry.status.in_(status_values))
+        if ids is not None:
+            query = query.where(entry.id.in_(list(ids)))
+        if kinds is not None:
+            query = query.where(entry.kind.in_(list(kinds)))
+        if since is not None:
+            query = query.where(entry.created_at >= since)
+        if until is not None:
+            query = query.where(entry.created_at < until)
+        matched: list[Row] = []
+        after = 0
+        while True:  # in bounded batches: each its own short transaction
+            with (self._read() if dry_run else self._write()):
+                batch = [self._row(data) for data in
+                         query.where(entry.id > after).order_by(entry.id).limit(PAGE_SIZE).dicts()]
+                if batch and not dry_run:
+                    (entry.update(status=OutboxStatus.pending.value, attempts=0, rejections=0,
+                                  next_attempt_at=now, lease_until=None, updated_at=now)
+                     .where(entry.id.in_([row.id for row in batch])).execute())
+                    self._refresh_heads(row.call_key for row in batch)
+            matched.extend(batch)
+            if len(batch) < PAGE_SIZE:
+                break
+            after = batch[-1].id
+        if matched and not dry_run:
+            log.info("outbox.requeued count=%d", len(matched))
+        return matched
+
+    def purge_delivered(self, older_than: float) -> int:
+        """Delete delivered rows with ``delivered_at < older_than``; pending rows never go."""
+        total = 0
+        while True:
+            count = self.purge_delivered_batch(older_than, PURGE_BATCH)
+            total += count
+            if count < PURGE_BATCH:
+                return total
+
+    def purge_delivered_batch(self, older_than: float, limit: int) -> int:
+        """One bounded purge transaction (so a big purge never blocks writers for long)."""
+        with self._write():
+            cursor = self._db.execute_sql(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_delivered "
+                "WHERE status = 'delivered' AND delivered_at < ? LIMIT ?)",
+                (older_than, limit),
+            )
+            return cursor.rowcount
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, id: int) -> Row | None:
+        entry = self._Entry
+        with self._read():
+            found = list(self._select().where(entry.id == id).dicts())
+        return self._row(found[0]) if found else None
+
+    def has_call_key(self, key: str) -> bool:
+        with self._read():
+            return self._db.execute_sql(
+                "SELECT 1 FROM outbox WHERE call_key = ? LIMIT 1", (key,)).fetchone() is not None
+
+    def has_request(self, call_key: str, kind: str) -> bool:
+        """Whether a ``kind`` row of this call exists in any status (CDR backfill dedupe)."""
+        with self._read():
+            return self._db.execute_sql(
+                "SELECT 1 FROM outbox WHERE call_key = ? AND kind = ? LIMIT 1",
+                (call_key, kind)).fetchone() is not None
+
+    def next_due_at(self) -> float | None:
+        """When the earliest claimable head is due (the loop sleeps until then)."""
+        with self._read():
+            row = self._db.execute_sql(
+                "SELECT MIN(next_attempt_at) FROM outbox INDEXED BY outbox_due "
+                "WHERE status = 'pending' AND is_head = 1").fetchone()
+        return row[0] if row else None
+
+    def stats(self, now: float | None = None) -> OutboxStats:
+        """Counts per status and kind plus a few times; reads indexes only."""
+        del now  # accepted for symmetry with the other calls; the figures are absolute
+        with self._read():
+            by_kind: dict[tuple[OutboxStatus, str], int] = {}
+            counts = {status: 0 for status in OutboxStatus}
+            for status, kind, n in self._db.execute_sql(
+                    "SELECT status, kind, COUNT(*) FROM outbox GROUP BY status, kind"):
+                status = OutboxStatus(status)
+                by_kind[(status, kind)] = n
+                counts[status] += n
+            oldest = [self._db.execute_sql(
+                f"SELECT created_at FROM outbox WHERE status = '{status}' ORDER BY id LIMIT 1"
+            ).fetchone() for status in ("pending", "inflight")]
+            last_delivered = self._db.execute_sql(
+                "SELECT MAX(delivered_at) FROM outbox INDEXED BY outbox_delivered "
+                "WHERE status = 'delivered'").fetchone()
+            next_due = self._db.execute_sql(
+                "SELECT MIN(next_attempt_at) FROM outbox INDEXED BY outbox_due "
+                "WHERE status = 'pending' AND is_head = 1").fetchone()
+            meta = dict(self._db.execute_sql(
+                "SELECT key, value FROM outbox_meta WHERE key IN ('last_error', 'last_error_at')"))
+        oldest_times = [row[0] for row in oldest if row]
+        return OutboxStats(
+            counts=counts,
+            by_kind=by_kind,
+            total=sum(counts.values()),
+            oldest_pending_at=min(oldest_times) if oldest_times else None,
+            next_due_at=next_due[0] if next_due else None,
+            last_delivered_at=last_delivered[0] if last_delivered else None,
+            last_error=meta.get("last_error"),
+            last_error_at=float(meta["last_error_at"]) if meta.get("last_error_at") else None,
+        )
+
+    def list_page(
+        self,
+        *,
+        status: OutboxStatus | str | None = None,
+        kind: str | None = None,
+        call_key: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before_id: int | None = None,
+        limit: int = PAGE_SIZE,
+    ) -> list[Row]:
+        """One page of :meth:`list_rows`: rows with ``id < before_id``, newest first."""
+        entry = self._Entry
+        query = self._select()
+        if status is not None:
+            query = query.where(entry.status == OutboxStatus(status).value)
+        if kind is not None:
+            query = query.where(entry.kind == kind)
+        if call_key is not None:
+            query = query.where(entry.call_key == call_key)
+        if since is not None:
+            query = query.where(entry.created_at >= since)
+        if until is not None:
+            query = query.where(entry.created_at < until)
+        if before_id is not None:
+            query = query.where(entry.id < before_id)
+        with self._read():
+            return [self._row(data) for data in
+                    query.order_by(entry.id.desc()).limit(limit).dicts()]
+
+    def list_rows(
+        self,
+        status: OutboxStatus | str | None = None,
+        kind: str | None = None,
+        call_key: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = 100,
+        before_id: int | None = None,
+    ) -> Iterator[Row]:
+        """Matching rows newest first, at most ``limit`` (None: all), fetched page by page
+        (keyset on ``id``, so the table is never loaded and no read transaction stays open)."""
+        filters = {"status": status, "kind": kind, "call_key": call_key,
+                   "since": since, "until": until}
+        return _paginate(lambda before, size: self.list_page(
+            **filters, before_id=before, limit=size), limit, before_id)
+
+    def check_writable(self) -> None:
+        """Raise :class:`OutboxError` unless a write transaction can start and write (healthz).
+
+        The probe write is rolled back, so it costs no fsync.
+        """
+
+        class _Rollback(Exception):
+            pass
+
+        try:
+            with self._write():
+                self._db.execute_sql(
+                    "INSERT OR REPLACE INTO outbox_meta (key, value) VALUES ('check_writable', ?)",
+                    (repr(self._clock()),))
+                raise _Rollback
+        except _Rollback:
+            pass
+
+    def explain_claim(self, exclude: int = 0) -> list[str]:
+        """``EXPLAIN QUERY PLAN`` of the claim query (tests and ``bench/`` check it)."""
+        sql = _claim_sql(exclude)
+        params = [0.0, *(f"k{i}" for i in range(exclude)), 10]
+        with self._read():
+            return [row[-1] for row in
+                    self._db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._db.is_closed():
+                self._db.close()
+
+
+def _claim_sql(excluded: int) -> str:
+    """The claim query. ``INDEXED BY`` makes SQLite fail loudly rather than ever fall
+    back to a scan (without ANALYZE statistics the planner may prefer ``outbox_status``)."""
+    sql = ("SELECT id FROM outbox INDEXED BY outbox_due "
+           "WHERE status = 'pending' AND is_head = 1 AND next_attempt_at <= ?")
+    if excluded:
+        sql += f" AND call_key NOT IN ({', '.join('?' * excluded)})"
+    return sql + " ORDER BY next_attempt_at, id LIMIT ?"
+
+
+def _paginate(
+    fetch: Callable[[int | None, int], list[Row]], limit: int | None, before_id: int | None
+) -> Iterator[Row]:
+    remaining = math.inf if limit is None else limit
+    before = before_id
+    while remaining > 0:
+        size = int(min(PAGE_SIZE, remaining))
+        page = fetch(before, size)
+        yield from page
+        remaining -= len(page)
+        if len(page) < size:
+            return
+        before = page[-1].id
+
+
+class OutboxWriter:
+    """An :class:`Outbox` behind ONE native thread, for the gevent service.
+
+    Why: sqlite3 calls are C code that never yields to the gevent hub; an fsync under
+    ``synchronous=FULL`` or a busy wait on a lock held by the CLI would freeze every
+    greenlet (the ESL reader first: FreeSWITCH drops a listener that falls behind). So
+    every call runs in a dedicated thread (``ThreadPool(1)``) and the calling greenlet
+    waits on it cooperatively. One thread also means one connection and no writer
+    contention inside the service (the ``sqliteq`` idea).
+
+    :meth:`enqueue_nowait` adds group commit: items queued while a commit is running go
+    into the next transaction together, so under load one fsync covers many events
+    instead of one each.
+    """
+
+    def __init__(
+        self,
+        database: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        max_batch: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pool = ThreadPool(1)
+        #: Called with the new ids after every group commit (e.g. ``Deliverer.notify``).
+        self.on_commit: Callable[[list[int]], None] | None = None
+        #: Number of transactions :meth:`enqueue_nowait` committed (metrics, tests).
+        self.commits = 0
+        self.max_batch = max_batch
+        self._queue: list[tuple[NewItem, AsyncResult]] = []
+        self._flusher: gevent.Greenlet | None = None
+        self._closed = False
+        try:
+            self._outbox: Outbox = self._pool.apply(
+                Outbox, (database,),
+                {"synchronous": synchronous, "busy_timeout_ms": busy_timeout_ms, "clock": clock})
+        except BaseException:
+            self._pool.kill()
+            raise
+        self.path = self._outbox.path
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise OutboxError(f"outbox {self.path} is closed")
+        return self._pool.apply(fn, args, kwargs)
+
+    # -- group commit -----------------------------------------------------------------
+
+    def enqueue_nowait(self, item: NewItem) -> AsyncResult:
+        """Queue ``item`` for the next group commit; the result resolves to its id (or
+        raises the :class:`OutboxError`). Wait on it before acknowledging upstream."""
+        if self._closed:
+            raise OutboxError(f"outbox {self.path} is closed")
+        result = AsyncResult()
+        self._queue.append((item, result))
+        if self._flusher is None:
+            self._flusher = gevent.spawn(self._flush)
+        return result
+
+    def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: len(batch)]
+                try:
+                    ids = self._pool.apply(self._outbox.enqueue, ([item for item, _ in batch],))
+                except Exception as exc:  # every waiter sees the failure
+                    log.error("outbox.enqueue_failed count=%d error=%s", len(batch), exc)
+                    for _, result in batch:
+                        result.set_exception(exc)
+                    continue
+                self.commits += 1
+                for (_, result), new_id in zip(batch, ids, strict=True):
+                    result.set(new_id)
+                if self.on_commit is not None:
+                    try:
+                        self.on_commit(ids)
+                    except Exception:
+                        log.exception("outbox.on_commit_failed")
+        finally:
+            self._flusher = None
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything queued by :meth:`enqueue_nowait` is committed."""
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.join(timeout)
+
+    # -- the Outbox API, each call run in the writer thread ---------------------------
+
+    def enqueue(self, items: Sequence[NewItem], *, now: float | None = None) -> list[int]:
+        return self._call(self._outbox.enqueue, items, now=now)
+
+    def claim_due(self, now: float, limit: int, lease_seconds: float,
+                  exclude_keys: Collection[str] = ()) -> list[Row]:
+        return self._call(self._outbox.claim_due, now, limit, lease_seconds, tuple(exclude_keys))
+
+    def mark_delivered(self, id: int, status_code: int | None, now: float | None = None) -> None:
+        self._call(self._outbox.mark_delivered, id, status_code, now)
+
+    def mark_retry(self, id: int, next_attempt_at: float, error: str,
+                   status_code: int | None = None, *, rejected: bool = False,
+                   now: float | None = None) -> None:
+        self._call(self._outbox.mark_retry, id, next_attempt_at, error, status_code,
+                   rejected=rejected, now=now)
+
+    def mark_dead(self, id: int, error: str, status_code: int | None = None, *,
+                  rejected: bool = False, now: float | None = None) -> None:
+        self._call(self._outbox.mark_dead, id, error, status_code, rejected=rejected, now=now)
+
+    def mark_expired(self, id: int, now: float | None = None) -> None:
+        self._call(self._outbox.mark_expired, id, now)
+
+    def reclaim_expired_leases(self, now: float) -> int:
+        return self._call(self._outbox.reclaim_expired_leases, now)
+
+    def release_leases(self, ids: Iterable[int] | None = None, *,
+                       now: float | None = None) -> int:
+        return self._call(self._outbox.release_leases,
+                          None if ids is None else list(ids), now=now)
+
+    def requeue(self, ids: Iterable[int] | None = None,
+                statuses: Iterable[OutboxStatus | str] = (OutboxStatus.dead,
+                                                          OutboxStatus.expired),
+                kinds: Iterable[str] | None = None, since: float | None = None,
+                until: float | None = None, dry_run: bool = False, *,
+                now: float | None = None) -> list[Row]:
+        return self._call(self._outbox.requeue, None if ids is None else list(ids),
+                          list(statuses), None if kinds is None else list(kinds),
+                          since, until, dry_run, now=now)
+
+    def purge_delivered(self, older_than: float) -> int:
+        # batch by batch, so queued enqueues run between the purge transactions
+        total = 0
+        while True:
+            count = self._call(self._outbox.purge_delivered_batch, older_than, PURGE_BATCH)
+            total += count
+            if count < PURGE_BATCH:
+                return total
+
+    def get(self, id: int) -> Row | None:
+        return self._call(self._outbox.get, id)
+
+    def has_call_key(self, key: str) -> bool:
+        return self._call(self._outbox.has_call_key, key)
+
+    def has_request(self, call_key: str, kind: str) -> bool:
+        return self._call(self._outbox.has_request, call_key, kind)
+
+    def next_due_at(self) -> float | None:
+        return self._call(self._outbox.next_due_at)
+
+    def stats(self, now: float | None = None) -> OutboxStats:
+        return self._call(self._outbox.stats, now)
+
+    def pragma(self, name: str) -> Any:
+        return self._call(self._outbox.pragma, name)
+
+    def list_rows(self, status: OutboxStatus | str | None = None, kind: str | None = None,
+                  call_key: str | None = None, since: float | None = None,
+                  until: float | None = None, limit: int | None = 100,
+                  before_id: int | None = None) -> Iterator[Row]:
+        filters = {"status": status, "kind": kind, "call_key": call_key,
+                   "since": since, "until": until}
+        return _paginate(lambda before, size: self._call(
+            self._outbox.list_page, **filters, before_id=before, limit=size), limit, before_id)
+
+    def check_writable(self) -> None:
+        self._call(self._outbox.check_writable)
+
+    def thread_ident(self) -> int:
+        """The native id of the writer thread (tests check the work happens there)."""
+        return self._call(get_original("threading", "get_ident"))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued (bounded wait), close the database, stop the thread."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        try:
+            self._pool.apply(self._outbox.close)
+        finally:
+            self._pool.kill()
