@@ -475,6 +475,9 @@ class Outbox:
         params = [now, *exclude, limit]
         lease_until = now + lease_seconds
         entry = self._Entry
+        with self._read():  # the idle poll: answer "nothing due" without the write lock
+            if self._db.execute_sql(sql, params).fetchone() is None:
+                return []
         with self._write():
             ids = [row[0] for row in self._db.execute_sql(sql, params).fetchall()]
             if not ids:
@@ -565,6 +568,12 @@ class Outbox:
         The interrupted attempt is not counted: it may or may not have reached the CRM,
         so the row is sent again (at-least-once delivery).
         """
+        with self._read():  # usually none: skip the write lock
+            if self._db.execute_sql(
+                    "SELECT 1 FROM outbox INDEXED BY outbox_lease "
+                    "WHERE status = 'inflight' AND lease_until < ? LIMIT 1",
+                    (now,)).fetchone() is None:
+                return 0
         with self._write():
             cursor = self._db.execute_sql(
                 "UPDATE outbox SET status = 'pending', lease_until = NULL, updated_at = ? "
