@@ -287,8 +287,8 @@ class Outbox:
 
     Every method is one short transaction (writes take ``BEGIN IMMEDIATE``, so a writer
     waits for the lock up front instead of failing at commit); nothing slow ever runs
-    inside one. Errors from the driver come out as :class:`OutboxError` whose message
-    names the file and what to do, with the driver error in ``.orig``.
+    inside one. Errors from peewee or the driver come out as :class:`OutboxError` whose
+    message names the file and what to do, with the caught error in ``.orig``.
 
     Threading: one SQLite connection per instance. Any number of greenlets of one
     thread may share it (no method yields to the hub); calls from several native threads
@@ -327,10 +327,14 @@ class Outbox:
         # A native lock even under monkey-patching: it is never held across a yield.
         self._lock = get_original("_thread", "RLock")()
         self._Entry, self._Meta = _bind_models(self._db)
-        with self._errors():
-            self._db.connect(reuse_if_open=True)
-            self._create_schema()
-            self._check_pragmas()
+        try:
+            with self._errors():
+                self._db.connect(reuse_if_open=True)
+                self._create_schema()
+                self._check_pragmas()
+        except BaseException:
+            self._db.close()
+            raise
 
     @staticmethod
     def _open(database: str, options: dict[str, Any]) -> peewee.SqliteDatabase:
@@ -360,7 +364,7 @@ class Outbox:
         except OutboxError:
             raise
         except (peewee.PeeweeException, sqlite3.Error) as exc:
-            raise OutboxError(_explain(self.path, exc), orig=_sqlite_error_of(exc)) from exc
+            raise OutboxError(_explain(self.path, exc), orig=exc) from exc
 
     @contextmanager
     def _read(self) -> Iterator[None]:

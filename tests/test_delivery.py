@@ -137,8 +137,11 @@ def test_backoff_full_jitter_is_capped_and_honours_retry_after() -> None:
 # -- order and concurrency -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["Outbox", "OutboxWriter"])
 def test_per_call_order_holds_with_concurrent_lanes_and_interleaved_calls(
-        crm: FakeCrm, box: Outbox, make_client: Any) -> None:
+        crm: FakeCrm, tmp_path: Path, make_client: Any, backend: str) -> None:
+    path = str(tmp_path / "o.sqlite3")
+    box = Outbox(path) if backend == "Outbox" else OutboxWriter(path)
     crm.latency = 0.05
     rng = random.Random(42)
     calls = [f"call-{n}" for n in range(8)]
@@ -161,6 +164,7 @@ def test_per_call_order_holds_with_concurrent_lanes_and_interleaved_calls(
     assert any(b - a < crm.latency / 2 for a, b in zip(times, times[1:], strict=False))
     assert box.stats().count("delivered") == 32
     assert deliverer.counts.delivered == 32 and deliverer.in_flight == 0
+    box.close()
 
 
 def test_run_wakes_on_notify_instead_of_polling(

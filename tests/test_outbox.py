@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import peewee
 import pytest
 from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
@@ -355,7 +356,7 @@ def test_missing_directory_is_explained(tmp_path: Path) -> None:
     with pytest.raises(OutboxError) as info:
         Outbox(str(missing))
     assert str(missing) in str(info.value) and "directory" in str(info.value)
-    assert isinstance(info.value.orig, sqlite3.Error)
+    assert isinstance(info.value.orig, peewee.OperationalError | sqlite3.OperationalError)
 
 
 def test_read_only_database_raises_a_clear_outbox_error(tmp_path: Path) -> None:
@@ -367,7 +368,7 @@ def test_read_only_database_raises_a_clear_outbox_error(tmp_path: Path) -> None:
         box.enqueue([item("a", "ringing")], now=T0)
     message = str(info.value)
     assert path in message and "read-only" in message and "permissions" in message
-    assert isinstance(info.value.orig, sqlite3.OperationalError)
+    assert isinstance(info.value.orig, peewee.OperationalError | sqlite3.OperationalError)
     with pytest.raises(OutboxError, match="read-only"):
         box.check_writable()
     box._db.execute_sql("PRAGMA query_only = 0")
