@@ -14,7 +14,8 @@ from typing import Any
 
 from fs_cc360 import backfill as bf
 from fs_cc360.cli.common import EXIT_OK, EXIT_PROBLEM, format_time, print_json, print_table
-from fs_cc360.cli.outbox_cmds import cli_settings, open_outbox
+from fs_cc360.cli.outbox_cmds import cli_settings, database_file, open_outbox
+from fs_cc360.outbox import Outbox
 
 
 def register(sub: Any) -> None:
@@ -35,8 +36,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     settings = cli_settings(args)
     links = recording_links(settings)
-    outbox = open_outbox(settings, create=not args.dry_run)
-    state_path = bf.state_path_for(outbox.path)
+    db_file = database_file(settings.outbox.database)
+    if args.dry_run and db_file is not None and not db_file.exists():
+        outbox = Outbox(":memory:")  # nothing enqueued yet: an empty stand-in, no file made
+    else:
+        outbox = open_outbox(settings, create=True)  # the service may never have run
+    state_path = bf.state_path_for(str(db_file)) if db_file is not None else None
     try:
         with bf.state_lock(None if args.dry_run else state_path):
             result = bf.backfill(

@@ -242,8 +242,9 @@ def health(stats: OutboxStats, now: float) -> Health:
                          f"{format_age(now - oldest)}, {last}: is the service running?"))
     if dead:
         problems.append(("dead_rows",
-                         f"{plural(dead, 'dead row')} need attention: see 'fs-cc360 outbox list "
-                         f"--status dead', then 'fs-cc360 outbox retry --status dead'"))
+                         f"{plural(dead, 'dead row')} {'needs' if dead == 1 else 'need'} "
+                         f"attention: see 'fs-cc360 outbox list --status dead', then "
+                         f"'fs-cc360 outbox retry --status dead'"))
     if not problems:
         detail = f"{plural(waiting, 'row')} waiting" if waiting else "nothing waiting"
         return Health("healthy", f"healthy: {detail}")
