@@ -38,8 +38,22 @@ and mtime, so a changed file is read again. Files are not moved: the CDR directo
 belongs to FreeSWITCH (the connector often may only read it) and its own rotation keeps
 working; entries of files that are gone are dropped, so the state stays as small as the
 directory. A bad file (invalid JSON, a missing field) is reported once, remembered, and
-skipped. Files younger than ``min_age`` are left for the next run: the rest of their call
-may still be going on, and a running service may still be about to report them itself.
+skipped.
+
+What waits, what is skipped:
+
+* files younger than ``min_age`` (five minutes) wait for the next run: mod_json_cdr may
+  still be writing, and a running service may still be about to report the call itself;
+* a leg whose related legs (``originator``, ``bridge_uuid``) have no CDR yet waits up to
+  :data:`PARTNER_WAIT` after its end: after a blind transfer the caller talks on, and the
+  recording to link is on the caller's leg;
+* calls older than ``max_age`` (the CLI passes ``[outbox] retention_days``) are skipped:
+  the outbox purges delivered rows after that, so it could no longer tell that such a
+  call was sent. (A manual ``outbox purge`` with fewer days narrows that window too.)
+
+Memory: the first pass keeps a few fields per file (:meth:`CdrLeg.light`); a leg's
+header block is read again when its first event comes up and dropped after its hangup,
+so a week of CDRs costs the calls in progress at one moment, not the whole directory.
 """
 
 from __future__ import annotations
@@ -51,14 +65,15 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from fs_cc360.calls import CallTracker, CrmEvent, TrackerConfig
+from fs_cc360.crm_request import request_for
 from fs_cc360.errors import FsCc360Error
 from fs_cc360.events import ChannelEvent
 from fs_cc360.outbox import NewItem
@@ -70,6 +85,11 @@ STATE_SUFFIX = ".backfill.json"
 STATE_VERSION = 1
 #: Files younger than this (seconds, by mtime and by the call's end) wait for the next run.
 DEFAULT_MIN_AGE = 300.0
+#: A leg whose related legs have no CDR yet waits this long (seconds after its end) for
+#: them: a transferred caller may talk for a while after the first agent hung up, and the
+#: recording to link is on the caller's leg. After that it is used alone.
+PARTNER_WAIT = 2 * 3600.0
+_UUID_IN_NAME = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 #: The far-future tick that releases everything still waiting at the end of a run.
 _FAR_FUTURE = 10 * 365 * 86400.0
 #: Rows enqueued per outbox transaction.
@@ -138,12 +158,24 @@ class CdrLeg:
     headers: str  #: the event header block without Event-Name / Event-Date-Timestamp
     recordings: tuple[tuple[int, str], ...] = ()  #: (start µs, path) of record_session runs
     bridged_to: str | None = None  #: the leg it was last bridged to (``bridge_uuid``)
+    originator: str | None = None  #: the leg that originated it (``originator``)
     #: What a CHANNEL_BRIDGE on its partner says about it (``Other-Leg-*`` headers).
     other_leg: tuple[tuple[str, str], ...] = ()
+    source: Path | None = None  #: the file it was read from
 
     def event(self, name: str, at_us: int, extra: str = "") -> ChannelEvent:
         head = f"Event-Name: {name}\nEvent-Date-Timestamp: {at_us}\n{extra}{self.headers}"
         return ChannelEvent(head)
+
+    @property
+    def related(self) -> tuple[str, ...]:
+        """The legs the tracker waits for before this leg's summary (live: its partners)."""
+        return tuple(dict.fromkeys(u for u in (self.originator, self.bridged_to) if u))
+
+    def light(self) -> CdrLeg:
+        """This leg without its header block (kilobytes of variables): what a run keeps
+        for every file while it orders them; :func:`read_cdr` gives the block back."""
+        return replace(self, headers="")
 
 
 def values_encoded(variables: dict[str, Any]) -> bool:
@@ -158,7 +190,7 @@ def values_encoded(variables: dict[str, Any]) -> bool:
 
 def _header_value(text: str) -> str:
     """``text`` as an event header value (percent-encoded like FreeSWITCH's own)."""
-    return quote(text, safe="/@:+,=-_.~ ").replace(" ", "%20")
+    return quote(text, safe="/@:+,=-_.~")
 
 
 def _text(value: Any) -> str | None:
@@ -253,9 +285,11 @@ def parse_cdr(data: Any, *, source: str = "") -> CdrLeg:
             ("Destination-Number", _text(profile.get("destination_number")) or ""),
         ) if value)
     bridged_to = var("bridge_uuid") or var("last_bridge_to")
+    originator = var("originator")
     return CdrLeg(uuid=uuid, end_us=end_us, headers=head,
                   recordings=tuple(_recordings(data, end_us)),
                   bridged_to=bridged_to if bridged_to and bridged_to != uuid else None,
+                  originator=originator if originator and originator != uuid else None,
                   other_leg=other_leg)
 
 
@@ -316,12 +350,33 @@ def read_cdr(path: Path) -> CdrLeg:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CdrError(f"{path.name}: not valid JSON ({exc})") from None
-    return parse_cdr(data, source=path.name)
+    return replace(parse_cdr(data, source=path.name), source=path)
 
 
 def hangup_event(leg: CdrLeg) -> ChannelEvent:
     """The CHANNEL_HANGUP_COMPLETE FreeSWITCH sent for this leg, as far as the CDR tells."""
     return leg.event("CHANNEL_HANGUP_COMPLETE", leg.end_us)
+
+
+#: An event of the rebuilt timeline, before it is built: (time µs, rank, name, extra).
+_Spec = tuple[int, int, str, str]
+
+
+def _leg_specs(leg: CdrLeg, partner: CdrLeg | None = None) -> list[_Spec]:
+    """What :func:`leg_events` builds, without building it (a run orders thousands)."""
+    out: list[_Spec] = []
+    for start_us, path in leg.recordings:
+        extra = f"Record-File-Path: {_header_value(path)}\n"
+        out.append((start_us, 0, "RECORD_START", extra))
+        out.append((leg.end_us, 2, "RECORD_STOP", extra))
+    if leg.bridged_to:
+        other = [("Other-Leg-Unique-ID", leg.bridged_to)]
+        if partner is not None:
+            other += partner.other_leg
+        extra = "".join(f"{k}: {_header_value(v)}\n" for k, v in other)
+        out.append((leg.end_us, 1, "CHANNEL_BRIDGE", extra))
+    out.append((leg.end_us, 3, "CHANNEL_HANGUP_COMPLETE", ""))
+    return out
 
 
 def leg_events(leg: CdrLeg, partner: CdrLeg | None = None
@@ -335,48 +390,71 @@ def leg_events(leg: CdrLeg, partner: CdrLeg | None = None
     tracker apply the transfer rule as it did live. ``rank`` orders events of the same
     microsecond: bridge, then RECORD_STOP, then the hangup (FreeSWITCH's own order).
     """
-    out: list[tuple[int, int, ChannelEvent]] = []
-    for start_us, path in leg.recordings:
-        extra = f"Record-File-Path: {_header_value(path)}\n"
-        out.append((start_us, 0, leg.event("RECORD_START", start_us, extra)))
-        out.append((leg.end_us, 2, leg.event("RECORD_STOP", leg.end_us, extra)))
-    if leg.bridged_to:
-        other = [("Other-Leg-Unique-ID", leg.bridged_to)]
-        if partner is not None:
-            other += partner.other_leg
-        extra = "".join(f"{k}: {_header_value(v)}\n" for k, v in other)
-        out.append((leg.end_us, 1, leg.event("CHANNEL_BRIDGE", leg.end_us, extra)))
-    out.append((leg.end_us, 3, hangup_event(leg)))
-    return out
+    return [(at_us, rank, leg.event(name, at_us, extra))
+            for at_us, rank, name, extra in _leg_specs(leg, partner)]
 
 
-def summaries_from_legs(legs: Iterable[CdrLeg], config: TrackerConfig | None = None
-                        ) -> list[CrmEvent]:
+def summaries_from_legs(
+    legs: Iterable[CdrLeg],
+    config: TrackerConfig | None = None,
+    *,
+    on_error: Callable[[CdrLeg, CdrError], None] | None = None,
+) -> list[CrmEvent]:
     """Feed the legs' events in time order to a fresh tracker; return its summaries.
 
     The tracker is ticked at each event's time, as the service ticks it every second, so
     its bounded waits behave as they did live; a final flush and a tick far in the future
     release whatever still waits (a partner leg whose CDR is missing).
+
+    A :meth:`~CdrLeg.light` leg's header block is read again from its file when its first
+    event comes up and dropped after its hangup, so memory holds the calls in progress at
+    one moment, not the whole directory. A file that cannot be read again then (deleted,
+    rewritten) goes to ``on_error`` and its remaining events are skipped.
     """
     ordered = sorted(legs, key=lambda leg: (leg.end_us, leg.uuid))
     by_uuid = {leg.uuid: leg for leg in ordered}
-    timeline: list[tuple[int, int, int, ChannelEvent]] = []
+    timeline: list[tuple[int, int, int, str, str]] = []
     for n, leg in enumerate(ordered):
         partner = by_uuid.get(leg.bridged_to) if leg.bridged_to else None
-        for at_us, rank, event in leg_events(leg, partner):
-            timeline.append((at_us, rank, n, event))
+        for at_us, rank, name, extra in _leg_specs(leg, partner):
+            timeline.append((at_us, rank, n, name, extra))
     timeline.sort(key=lambda item: item[:3])
     tracker = CallTracker(config)
     out: list[CrmEvent] = []
+    loaded: dict[int, CdrLeg] = {}
+    failed: set[int] = set()
     last = 0.0
-    for at_us, _rank, _n, event in timeline:
+    for at_us, _rank, n, name, extra in timeline:
+        if n in failed:
+            continue
+        leg = loaded.get(n) or ordered[n]
+        if not leg.headers:
+            try:
+                leg = loaded[n] = _reload(leg)
+            except CdrError as exc:
+                failed.add(n)
+                log.warning("backfill.bad_file file=%s error=%s", leg.source, exc)
+                if on_error is not None:
+                    on_error(leg, exc)
+                continue
+        if name == "CHANNEL_HANGUP_COMPLETE":
+            loaded.pop(n, None)  # the leg's last event
         at = at_us / 1_000_000
         out += tracker.tick(at)
-        out += tracker.feed(event, now=at)
+        out += tracker.feed(leg.event(name, at_us, extra), now=at)
         last = max(last, at)
     out += tracker.flush()
     out += tracker.tick(last + _FAR_FUTURE)
     return [event for event in out if event.kind == "summary"]
+
+
+def _reload(leg: CdrLeg) -> CdrLeg:
+    if leg.source is None:
+        raise CdrError(f"leg {leg.uuid}: no header block and no file to read it from")
+    full = read_cdr(leg.source)
+    if full.uuid != leg.uuid or full.end_us != leg.end_us:
+        raise CdrError(f"{leg.source.name}: changed while the backfill ran")
+    return full
 
 
 # --------------------------------------------------------------------------- state
@@ -488,7 +566,9 @@ class BackfillResult:
     files_seen: int = 0  #: CDR files in the directory
     files_read: int = 0  #: new files read and used
     already_done: int = 0  #: remembered from an earlier run
-    too_recent: int = 0  #: left for the next run (younger than min_age)
+    too_recent: int = 0  #: left for the next run (younger than ``min_age``)
+    too_old: int = 0  #: older than ``max_age``: the outbox may have purged their rows
+    waiting: int = 0  #: left for the next run: a related leg's CDR is not there yet
     bad: list[tuple[str, str]] = field(default_factory=list)  #: (file, why)
     summaries: list[SummaryOutcome] = field(default_factory=list)
 
@@ -505,6 +585,7 @@ class BackfillResult:
             "directory": self.directory, "dry_run": self.dry_run,
             "files_seen": self.files_seen, "files_read": self.files_read,
             "already_done": self.already_done, "too_recent": self.too_recent,
+            "too_old": self.too_old, "waiting_for_partner": self.waiting,
             "bad_files": [{"file": name, "error": why} for name, why in self.bad],
             "summaries_found": len(self.summaries), "enqueued": self.enqueued,
             "duplicates": self.duplicates,
@@ -532,26 +613,39 @@ def backfill(
     outbox: BackfillOutbox,
     *,
     config: TrackerConfig | None = None,
-    new_item: Any = None,
+    new_item: Callable[[CrmEvent], NewItem] | None = None,
     state: ProcessedFiles | None = None,
     dry_run: bool = False,
     min_age: float = DEFAULT_MIN_AGE,
+    max_age: float | None = None,
     now: float | None = None,
 ) -> BackfillResult:
     """Read the CDR files of ``directory`` and enqueue the summaries the outbox lacks.
 
-    ``new_item(event) -> NewItem`` builds the row (the service's, with recording links);
-    ``state`` remembers handled files (None: read everything every time). With
-    ``dry_run`` nothing is enqueued and the state is not saved.
+    ``new_item(event) -> NewItem`` builds the row (the service's, with recording links;
+    default: no links). ``state`` remembers handled files (None: read everything every
+    time). Calls that ended less than ``min_age`` seconds ago are left for the next run;
+    calls that ended more than ``max_age`` seconds ago are skipped, because the outbox
+    forgets delivered rows after ``[outbox] retention_days`` and could not tell that they
+    were sent (pass a little less than the retention). With ``dry_run`` nothing is
+    enqueued and the state is not saved.
     """
     directory = Path(directory)
     now = time.time() if now is None else now
-    cutoff = now - min_age
+    newest = now - min_age
+    oldest = None if max_age is None else now - max_age
     result = BackfillResult(directory=str(directory), dry_run=dry_run)
     files = cdr_files(directory)
     result.files_seen = len(files)
     legs: list[CdrLeg] = []
-    used: list[tuple[str, os.stat_result]] = []
+    used: dict[str, tuple[os.stat_result, str]] = {}  # name -> (stat, outcome)
+
+    def bad(name: str, stat: os.stat_result | None, exc: CdrError) -> None:
+        log.warning("backfill.bad_file file=%s error=%s", directory / name, exc)
+        result.bad.append((name, str(exc)))
+        if stat is not None:
+            used[name] = (stat, "bad")
+
     for path in files:
         try:
             stat = path.stat()
@@ -560,27 +654,49 @@ def backfill(
         if state is not None and state.seen(directory, path.name, stat):
             result.already_done += 1
             continue
-        if stat.st_mtime > cutoff:
+        if stat.st_mtime > newest:  # mod_json_cdr may still be writing it
             result.too_recent += 1
+            continue
+        if oldest is not None and stat.st_mtime < oldest:
+            result.too_old += 1
+            used[path.name] = (stat, "old")
             continue
         try:
             leg = read_cdr(path)
         except CdrError as exc:
-            log.warning("backfill.bad_file file=%s error=%s", path, exc)
-            result.bad.append((path.name, str(exc)))
-            if state is not None:
-                state.add(directory, path.name, stat, "bad")
+            bad(path.name, stat, exc)
             continue
-        if leg.end_us / 1_000_000 > cutoff:
+        ended = leg.end_us / 1_000_000
+        if ended > newest:
             result.too_recent += 1
             continue
-        legs.append(leg)
-        used.append((path.name, stat))
+        if oldest is not None and ended < oldest:
+            result.too_old += 1
+            used[path.name] = (stat, "old")
+            continue
+        legs.append(leg.light())
+        used[path.name] = (stat, "ok")
+    done_before: set[str] = set()
+    if state is not None:
+        for name, entry in state.files(directory).items():
+            found = _UUID_IN_NAME.search(name)
+            if found and entry[2:3] == ["ok"]:
+                done_before.add(found.group(0).lower())
+    legs, held = hold_back(legs, done_before, now - PARTNER_WAIT)
+    for leg in held:
+        result.waiting += 1
+        if leg.source is not None:
+            used.pop(leg.source.name, None)
     result.files_read = len(legs)
+
+    def reread_failed(leg: CdrLeg, exc: CdrError) -> None:
+        name = leg.source.name if leg.source else leg.uuid
+        used.pop(name, None)  # not remembered: read again next time
+        bad(name, None, exc)
 
     seen_now: set[str] = set()
     items: list[tuple[SummaryOutcome, NewItem]] = []
-    for event in summaries_from_legs(legs, config):
+    for event in summaries_from_legs(legs, config, on_error=reread_failed):
         if event.call_id in seen_now or outbox.has_request(event.call_id, "summary"):
             result.summaries.append(SummaryOutcome(event, "duplicate"))
             continue
@@ -588,27 +704,45 @@ def backfill(
         outcome = SummaryOutcome(event, "would enqueue" if dry_run else "enqueued")
         result.summaries.append(outcome)
         items.append((outcome, _item(event, new_item)))
-    if not dry_run:
-        for start in range(0, len(items), ENQUEUE_BATCH):
-            batch = items[start:start + ENQUEUE_BATCH]
-            ids = outbox.enqueue([item for _, item in batch])
-            for (outcome, _), new_id in zip(batch, ids, strict=True):
-                outcome.id = new_id
-        if state is not None:
-            for name, stat in used:
-                state.add(directory, name, stat, "ok")
-            state.prune(directory, {p.name for p in files})
-            state.save()
-        log.info("backfill.done dir=%s files=%d bad=%d enqueued=%d duplicates=%d",
-                 directory, result.files_read, len(result.bad), result.enqueued,
-                 result.duplicates)
+    if dry_run:
+        return result
+    for start in range(0, len(items), ENQUEUE_BATCH):
+        batch = items[start:start + ENQUEUE_BATCH]
+        ids = outbox.enqueue([item for _, item in batch])
+        for (outcome, _), new_id in zip(batch, ids, strict=True):
+            outcome.id = new_id
+    if state is not None:
+        for name, (stat, outcome_text) in used.items():
+            state.add(directory, name, stat, outcome_text)
+        state.prune(directory, {p.name for p in files})
+        state.save()
+    log.info("backfill.done dir=%s files=%d bad=%d enqueued=%d duplicates=%d",
+             directory, result.files_read, len(result.bad), result.enqueued,
+             result.duplicates)
     return result
 
 
-def _item(event: CrmEvent, new_item: Any) -> NewItem:
+def hold_back(legs: list[CdrLeg], known: set[str], wait_until: float
+              ) -> tuple[list[CdrLeg], list[CdrLeg]]:
+    """Split ``legs`` into (ready, held): a leg is held while one of its related legs is
+    neither ready nor in ``known`` (handled by an earlier run) and it ended after
+    ``wait_until``. Repeated until stable, since holding a leg may hold its partners."""
+    ready = {leg.uuid.lower(): leg for leg in legs}
+    held: list[CdrLeg] = []
+    changed = True
+    while changed:
+        changed = False
+        for key, leg in list(ready.items()):
+            if leg.end_us / 1_000_000 <= wait_until:
+                continue
+            if any(u.lower() not in ready and u.lower() not in known for u in leg.related):
+                held.append(ready.pop(key))
+                changed = True
+    return list(ready.values()), held
+
+
+def _item(event: CrmEvent, new_item: Callable[[CrmEvent], NewItem] | None) -> NewItem:
     if new_item is not None:
         return new_item(event)
-    from fs_cc360.crm_request import request_for
-
     return NewItem(call_key=event.call_id, kind=event.kind, request=request_for(event),
                    user=event.user, callerid=event.callerid, event_at=event.at)

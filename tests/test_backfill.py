@@ -364,3 +364,78 @@ def test_rows_are_built_like_the_service_builds_them(tmp_path: Path, outbox: Out
     assert CrmRequest.from_json(row.request).body == {
         "FILES": ["https://pbx/rec/dda67ca4-c376-4313-a8e5-351bf5902013.wav"]}
     assert time.time() > row.created_at  # enqueued now, due now
+
+
+def test_a_leg_waits_for_its_partners_cdr(tmp_path: Path, outbox: Outbox) -> None:
+    """l: 101's leg ended, the caller still talks to 102 (no caller CDR yet). Sent alone,
+    101's summary would lack the recording (it is on the caller's leg): it waits."""
+    scenario = JSON_CDR / "l_blind_transfer_101_to_102"
+    directory = tmp_path / "cdr"
+    directory.mkdir()
+    first = "98bb708a-2788-4008-9fd8-2137cc7606e4.cdr.json"
+    shutil.copy(scenario / first, directory / first)
+    ended = bf.read_cdr(scenario / first).end_us / 1e6
+    os.utime(directory / first, (ended, ended))  # written when the leg ended
+    state = bf.ProcessedFiles(bf.state_path_for(outbox.path))
+    early = bf.backfill(directory, outbox, state=state, min_age=0, now=ended + 600)
+    assert (early.waiting, early.files_read, early.enqueued) == (1, 0, 0)
+    assert not state.seen(directory, first, (directory / first).stat())  # read again later
+    for path in scenario.iterdir():
+        shutil.copy(path, directory / path.name)
+        os.utime(directory / path.name, (ended + 10, ended + 10))
+    later = bf.backfill(directory, outbox, state=bf.ProcessedFiles(state.path), min_age=0,
+                        now=ended + 900)
+    assert later.waiting == 0 and later.enqueued == 2
+    summary = next(s.event for s in later.summaries if s.event.call_id.startswith("98bb"))
+    assert summary.files == (
+        "/var/lib/freeswitch/recordings/4ddb0120-5714-41ff-a0d6-a70b86ea9bc5.wav",)
+
+
+def test_a_leg_whose_partner_never_comes_is_sent_alone_after_a_while(
+        tmp_path: Path, outbox: Outbox) -> None:
+    directory = tmp_path / "cdr"
+    directory.mkdir()
+    name = "98bb708a-2788-4008-9fd8-2137cc7606e4.cdr.json"
+    shutil.copy(JSON_CDR / "l_blind_transfer_101_to_102" / name, directory / name)
+    ended = bf.read_cdr(directory / name).end_us / 1e6
+    os.utime(directory / name, (ended, ended))
+    result = bf.backfill(directory, outbox, min_age=0, now=ended + bf.PARTNER_WAIT + 1)
+    (outcome,) = result.summaries
+    assert (outcome.event.user, outcome.event.duration, outcome.event.files) == ("101", 2, ())
+
+
+def test_hold_back_follows_chains() -> None:
+    leg = bf.read_cdr(JSON_CDR / "l_blind_transfer_101_to_102" /
+                      "d3c26172-8ca5-449f-8098-c4faf41b751d.cdr.json")
+    caller = bf.read_cdr(JSON_CDR / "l_blind_transfer_101_to_102" /
+                         "4ddb0120-5714-41ff-a0d6-a70b86ea9bc5.cdr.json")
+    # the caller's own partner (d3c26172) is there; d3c26172's originator is the caller
+    ready, held = bf.hold_back([leg, caller], set(), wait_until=0)
+    assert {x.uuid[:8] for x in ready} == {"d3c26172", "4ddb0120"} and held == []
+    # without the caller, d3c26172 waits; a leg handled by an earlier run counts as there
+    ready, held = bf.hold_back([leg], set(), wait_until=0)
+    assert ready == [] and [x.uuid[:8] for x in held] == ["d3c26172"]
+    ready, held = bf.hold_back([leg], {caller.uuid}, wait_until=0)
+    assert [x.uuid[:8] for x in ready] == ["d3c26172"]
+
+
+def test_calls_older_than_max_age_are_skipped(tmp_path: Path, outbox: Outbox) -> None:
+    directory = copy_cdrs(["a_inbound_answered_caller_hangup"], tmp_path / "cdr")
+    ended = 1795761790.741092
+    result = bf.backfill(directory, outbox, min_age=0, max_age=7 * 86400,
+                         now=ended + 8 * 86400)
+    assert (result.too_old, result.files_read, result.enqueued) == (2, 0, 0)
+
+
+def test_a_file_gone_before_its_turn_is_reported(tmp_path: Path) -> None:
+    """Headers are read again when a leg's turn comes (memory holds only the calls in
+    progress at one moment); a file deleted meanwhile is reported, not fatal."""
+    directory = copy_cdrs(["a_inbound_answered_caller_hangup"], tmp_path / "cdr")
+    legs = [leg.light() for leg in legs_of(directory)]
+    assert all(leg.headers == "" for leg in legs)
+    assert requests(bf.summaries_from_legs(legs)) == requests(
+        live_summaries("a_inbound_answered_caller_hangup"))
+    (directory / "dda67ca4-c376-4313-a8e5-351bf5902013.cdr.json").unlink()
+    errors: list[str] = []
+    bf.summaries_from_legs(legs, on_error=lambda leg, exc: errors.append(str(exc)))
+    assert len(errors) == 1 and "dda67ca4" in errors[0]

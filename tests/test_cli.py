@@ -542,15 +542,16 @@ def test_backfill_command(capsys: pytest.CaptureFixture[str], config: Path, db: 
     for scenario in ("a_inbound_answered_caller_hangup", "m_attended_transfer"):
         for path in (JSON_CDR / scenario).glob("*.json"):
             shutil.copy(path, cdr / path.name)
-    code, data = cli_json(capsys, config, "backfill", str(cdr), "--min-age", "0",
-                          "--dry-run")
+    ages = ("--min-age", "0", "--max-age", "36500")  # the captures' calls are old
+    code, data = cli_json(capsys, config, "backfill", str(cdr), *ages, "--dry-run")
     assert code == 0 and data["summaries_found"] == 3 and data["enqueued"] == 3
+    assert all(s["status"] == "would enqueue" for s in data["summaries"])
     assert not db.exists()  # a dry run creates nothing
-    code, out, _ = cli(capsys, config, "backfill", str(cdr), "--min-age", "0")
+    code, out, _ = cli(capsys, config, "backfill", str(cdr), *ages)
     assert code == 0
     assert "5 files, 5 read" in out and "3 summaries enqueued, 0 duplicates" in out
     (cdr / "broken.cdr.json").write_text("{oops")
-    code, out, _ = cli(capsys, config, "backfill", str(cdr), "--min-age", "0")
+    code, out, _ = cli(capsys, config, "backfill", str(cdr), *ages)
     assert code == 1
     assert "bad file skipped: broken.cdr.json: not valid JSON" in out
     assert "5 done before" in out and "0 summaries enqueued" in out
@@ -559,6 +560,21 @@ def test_backfill_command(capsys: pytest.CaptureFixture[str], config: Path, db: 
         assert [row.kind for row in box.list_rows(limit=None)] == ["summary"] * 3
     finally:
         box.close()
+
+
+def test_backfill_skips_calls_older_than_the_outbox_retention(
+        capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
+    """The outbox forgets delivered rows after retention_days: older calls could have
+    been sent already, so they are not sent (again)."""
+    cdr = tmp_path / "json_cdr"
+    cdr.mkdir()
+    for path in (JSON_CDR / "j_outgoing_from_101").glob("*.json"):
+        shutil.copy(path, cdr / path.name)
+    long_ago = time.time() - 30 * DAY
+    for path in cdr.iterdir():
+        os.utime(path, (long_ago, long_ago))
+    code, data = cli_json(capsys, config, "backfill", str(cdr), "--min-age", "0")
+    assert code == 0 and data["too_old"] == 2 and data["enqueued"] == 0
 
 
 # --------------------------------------------------------------------------- scripts/replay

@@ -17,6 +17,9 @@ from fs_cc360.cli.common import EXIT_OK, EXIT_PROBLEM, format_time, print_json, 
 from fs_cc360.cli.outbox_cmds import cli_settings, database_file, open_outbox
 from fs_cc360.outbox import Outbox
 
+#: Seconds kept off ``--max-age`` (see :func:`cmd_backfill`).
+RETENTION_MARGIN = 3600.0
+
 
 def register(sub: Any) -> None:
     cmd = sub.add_parser(
@@ -25,6 +28,10 @@ def register(sub: Any) -> None:
     cmd.add_argument("--min-age", type=float, default=bf.DEFAULT_MIN_AGE, metavar="SECONDS",
                      help=f"leave files of calls that ended less than SECONDS ago for the "
                           f"next run (default {bf.DEFAULT_MIN_AGE:g})")
+    cmd.add_argument("--max-age", type=float, default=None, metavar="DAYS",
+                     help="skip calls that ended more than DAYS ago (default: [outbox] "
+                          "retention_days, the age after which the outbox forgets a "
+                          "delivered call and could no longer tell it was sent)")
     cmd.add_argument("--dry-run", action="store_true",
                      help="show what would be enqueued; change nothing")
     cmd.add_argument("--json", action="store_true", help="machine-readable output")
@@ -36,6 +43,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
     settings = cli_settings(args)
     links = recording_links(settings)
+    days = settings.outbox.retention_days if args.max_age is None else args.max_age
+    # an hour less than the retention: the service purges hourly, clocks drift
+    max_age = max(0.0, days * 86400 - RETENTION_MARGIN)
     db_file = database_file(settings.outbox.database)
     if args.dry_run and db_file is not None and not db_file.exists():
         outbox = Outbox(":memory:")  # nothing enqueued yet: an empty stand-in, no file made
@@ -48,7 +58,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                 args.directory, outbox, config=tracker_config(settings),
                 new_item=lambda event: new_item(event, links),
                 state=bf.ProcessedFiles(state_path), dry_run=args.dry_run,
-                min_age=max(0.0, args.min_age))
+                min_age=max(0.0, args.min_age), max_age=max_age)
     finally:
         outbox.close()
     code = EXIT_PROBLEM if result.bad else EXIT_OK
@@ -59,7 +69,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return code
     print(f"CDR directory {result.directory}: {result.files_seen} files, "
           f"{result.files_read} read, {result.already_done} done before, "
-          f"{result.too_recent} too recent, {len(result.bad)} bad")
+          f"{result.too_recent} too recent, {result.waiting} waiting for their call's "
+          f"other legs, {result.too_old} older than {days:g} days, {len(result.bad)} bad")
     for name, why in result.bad:
         print(f"  bad file skipped: {why if why.startswith(name) else name + ': ' + why}")
     if result.summaries:
