@@ -98,13 +98,23 @@ class FrameReader:
             end = buf.find(b"\n\n", self._scan_from)
             if end < 0:
                 if len(buf) > self._max_header:
-                    self._on_error(FrameError(f"no frame boundary in {len(buf)} bytes; dropped"))
-                    buf.clear()
+                    # Keep the last partial line: it may be the start of a good frame.
+                    cut = buf.rfind(b"\n") + 1 or len(buf)
+                    self._on_error(FrameError(f"no frame boundary in {cut} bytes; dropped"))
+                    del buf[:cut]
                 self._scan_from = max(0, len(buf) - 1)
                 return
             block = bytes(buf[:end])
-            del buf[: end + 2]
             self._scan_from = 0
+            cut = _junk_end(block)
+            if cut:
+                # Lines that are not "Key: value" cannot belong to an envelope (the tail of a
+                # body after a bad Content-Length): drop them and look again, so a good
+                # envelope right after them is not lost with them.
+                self._on_error(FrameError(f"junk before frame: {block[:80]!r}"))
+                del buf[:cut]
+                continue
+            del buf[: end + 2]
             if not block.strip(b"\r\n"):
                 continue  # stray blank lines between frames
             try:
@@ -126,12 +136,31 @@ def _content_length(headers: dict[str, str], max_body: int) -> int:
     raw = headers.get("Content-Length")
     if raw is None:
         return 0
-    if not raw.isdigit():
+    if not _is_length(raw):
         raise FrameError(f"bad Content-Length {raw[:20]!r}")
     length = int(raw)
     if length > max_body:
         raise FrameError(f"Content-Length {length} over the {max_body}-byte limit")
     return length
+
+
+def _is_length(raw: str) -> bool:
+    """ASCII digits only, at most 15 of them (``"²".isdigit()`` is true but ``int("²")``
+    fails, and ``int()`` refuses strings over 4300 digits)."""
+    return 0 < len(raw) <= 15 and raw.isascii() and raw.isdigit()
+
+
+def _junk_end(block: bytes) -> int:
+    """Offset just past the last line of ``block`` that is not a ``Key: value`` header, 0
+    when every line is one."""
+    if b"\n" not in block:
+        return 0 if b": " in block or not block.strip() else len(block)
+    cut = pos = 0
+    for line in block.split(b"\n"):
+        pos += len(line) + 1
+        if b": " not in line and line.strip():
+            cut = pos
+    return min(cut, len(block))
 
 
 def _log_frame_error(exc: FrameError) -> None:
@@ -209,25 +238,23 @@ def parse_event(data: bytes | str) -> ChannelEvent:
 
     Raises :class:`FrameError` when it is not an event (no ``Event-Name``).
     """
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes | bytearray) else data
-    head, sep, rest = text.partition("\n\n")
-    body = ""
-    if sep and rest:
-        body = rest
-    event = ChannelEvent(head)
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    head, _, rest = bytes(data).partition(b"\n\n")
+    event = ChannelEvent(head.decode("utf-8", "replace"))
     if not event.name:
-        raise FrameError(f"event without Event-Name: {text[:80]!r}")
-    if body:
-        event.body = _event_body(event, body)
+        raise FrameError(f"event without Event-Name: {head[:80]!r}")
+    if rest:
+        event.body = _event_body(event, rest)
     return event
 
 
-def _event_body(event: ChannelEvent, rest: str) -> str:
-    """The event's own body: ``Content-Length`` characters after its header block."""
+def _event_body(event: ChannelEvent, rest: bytes) -> str:
+    """The event's own body: ``Content-Length`` bytes (not characters) after its headers."""
     raw_len = event.get("Content-Length")
-    if raw_len and raw_len.isdigit():
-        return rest[: int(raw_len)]
-    return rest
+    if raw_len and _is_length(raw_len):
+        rest = rest[: int(raw_len)]
+    return rest.decode("utf-8", "replace")
 
 
 def iter_events(frames: list[Frame]) -> Iterator[ChannelEvent]:
