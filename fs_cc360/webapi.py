@@ -17,6 +17,25 @@ taken from the raw request line and percent-decoded exactly once (the server's
 unsafe or unknown recording answers 404 whatever the token, so an outsider learns
 nothing about which files exist; handler exceptions answer a bare 500 (logged here);
 the access log masks tokens.
+
+TLS: either ``serve(certfile=, keyfile=)`` or a reverse proxy in front of a loopback
+``listen``; the proxy must pass the request line through untouched (no ``$uri``, which is
+decoded and normalised, and no access log of its own with tokens in it), e.g. nginx::
+
+    log_format masked '$remote_addr [$time_local] "$request_method" $status $body_bytes_sent';
+    server {
+        listen 443 ssl;
+        server_name pbx.example.com;
+        ssl_certificate     /etc/ssl/pbx.pem;
+        ssl_certificate_key /etc/ssl/pbx.key;
+        access_log /var/log/nginx/fs-cc360.log masked;
+        location / {
+            proxy_pass http://127.0.0.1:8080;   # no URI part: the request goes as sent
+            proxy_set_header Host $host;
+            proxy_buffering off;                # stream recordings, honour Range
+            proxy_read_timeout 60s;
+        }
+    }
 """
 
 from __future__ import annotations
