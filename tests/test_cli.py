@@ -487,6 +487,19 @@ def test_test_crm_forms(capsys: pytest.CaptureFixture[str], config: Path,
     assert summary.body == {"FILES": []}
 
 
+def test_test_crm_applies_the_extension_mapping(capsys: pytest.CaptureFixture[str],
+                                                config: Path, crm: FakeCrm) -> None:
+    with config.open("a") as f:
+        f.write("\n[extensions]\nalice = 105\n")
+    code, out, _ = cli(capsys, config, "test-crm", "--user", "alice")
+    assert code == 0 and "user 'alice' is extension 105 ([extensions])" in out
+    assert {e.params["user"] for e in crm.events()} == {"105"}
+    crm.clear()
+    code, out, _ = cli(capsys, config, "test-crm", "--user", "bob")
+    assert code == 0 and "warning: 'bob' is not an agent extension" in out
+    assert {e.params["user"] for e in crm.events()} == {"bob"}
+
+
 def test_test_crm_anonymous(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                             db: Path) -> None:
     with FakeCrm(mode="anonymous", token=TOKEN) as anon:

@@ -36,7 +36,9 @@ TEST_STEPS = ("ringing", "answer", "hangup", "summary")
 def register(sub: Any) -> None:
     test = sub.add_parser(
         "test-crm", help="send a synthetic call to the CRM step by step (not via the outbox)")
-    test.add_argument("--user", default="101", help="the agent's extension (default 101)")
+    test.add_argument("--user", default="101",
+                      help="the agent: an extension, or a SIP user mapped in [extensions] "
+                           "(default 101)")
     test.add_argument("--callerid", default="79991234567",
                       help="the caller's number (default 79991234567)")
     test.add_argument("--duration", type=int, default=5, metavar="SECONDS",
@@ -101,7 +103,18 @@ def cmd_test_crm(args: argparse.Namespace) -> int:
     settings = cli_settings(args, require_crm=True)
     client = build_client(settings)
     callerid = settings.number_rules().normalize(args.callerid)
-    events = synthetic_call(args.user, callerid, max(0, args.duration))
+    # The extension the service would report for this FreeSWITCH user ([extensions] map,
+    # [calls] extension_pattern); an unmatched user is sent as given, with a warning.
+    extension = settings.extension_for(args.user)
+    user = extension or args.user
+    mapping_note = None
+    if extension is None:
+        mapping_note = (f"warning: {args.user!r} is not an agent extension for the service "
+                        f"([extensions] / [calls] extension_pattern): it would never report "
+                        f"calls of this user; sending it as given")
+    elif extension != args.user:
+        mapping_note = f"user {args.user!r} is extension {extension} ([extensions])"
+    events = synthetic_call(user, callerid, max(0, args.duration))
     call_id = events[0].call_id
     plan: list[tuple[Step, CrmEvent | None]] = []  # None: the login
     if client.auth == "forms":
@@ -115,8 +128,10 @@ def cmd_test_crm(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"CRM {client.base_url} auth={client.auth} "
               f"{'user ' + repr(settings.crm.login) if client.auth == 'forms' else ''}".rstrip())
-        print(f"synthetic call id={call_id} user={args.user} callerid={callerid}"
+        print(f"synthetic call id={call_id} user={user} callerid={callerid}"
               + (f" (normalised from {args.callerid})" if callerid != args.callerid else ""))
+        if mapping_note:
+            print(mapping_note)
         if args.dry_run:
             print("dry run: nothing is sent")
     failed = False
@@ -134,11 +149,11 @@ def cmd_test_crm(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"ok": ok if not args.dry_run else None, "dry_run": args.dry_run,
                     "crm": client.base_url, "auth": client.auth, "call_id": call_id,
-                    "user": args.user, "callerid": callerid,
+                    "user": user, "callerid": callerid, "note": mapping_note,
                     "steps": [step.to_dict() for step in steps]})
     elif not args.dry_run:
         print("OK: the CRM accepted every step; look for the call in CC360 under extension "
-              f"{args.user}" if ok else "FAILED: see the step above")
+              f"{user}" if ok else "FAILED: see the step above")
     return EXIT_OK if ok else EXIT_PROBLEM
 
 

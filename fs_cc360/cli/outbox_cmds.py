@@ -351,6 +351,7 @@ def describe_request(settings: Settings, request: CrmRequest) -> dict[str, Any]:
         try:
             from fs_cc360.cc360 import Cc360Client
 
+            # Only for url_for: a draft config without a login still shows the URL.
             client = Cc360Client(crm.url, crm.token, auth=crm.auth, login=crm.login or "-",
                                  timeout=crm.timeout)
         except ConfigError:
