@@ -40,6 +40,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
@@ -148,6 +149,8 @@ class FakeCrm:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.port = 0
+        #: called with each :class:`Received` as it is recorded (the demo prints them)
+        self.on_request: Callable[[Received], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -272,6 +275,8 @@ class FakeCrm:
         with self._changed:
             self.received.append(rec)
             self._changed.notify_all()
+        if self.on_request is not None:
+            self.on_request(rec)
 
     def _take_failure(self) -> tuple[int, str | None] | None:
         with self._lock:
