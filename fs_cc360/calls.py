@@ -250,6 +250,11 @@ class CallTracker:
     def active_legs(self) -> int:
         return len(self._legs)
 
+    @property
+    def waiting(self) -> int:
+        """Summaries held back, waiting for a related leg to complete."""
+        return len(self._due)
+
     # -- legs ---------------------------------------------------------------------
 
     def _update_leg(self, event: ChannelEvent, at: float) -> _Leg:

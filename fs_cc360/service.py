@@ -1,0 +1,351 @@
+"""Wiring: builds every piece from :class:`~fs_cc360.config.Settings` and runs them.
+
+The flow, each arrow a greenlet boundary::
+
+    FreeSWITCH --ESL--> EslClient reader --feed--> CallTracker (pure, in the reader)
+        --CrmEvent--> spool (memory) --committer--> Outbox (SQLite, in its own thread)
+        --notify--> Deliverer lanes --HTTP--> CC360
+
+Nothing on the ESL reader's path blocks: the tracker is pure code and an event only
+lands in the in-memory spool; the committer writes the spool to SQLite in batches from
+the outbox's native thread (group commit), and only committed rows are ever delivered.
+If the outbox cannot be written (read-only file, disk full) the spool keeps the events in
+order, healthz and metrics say so, and the committer retries until the disk is back.
+
+This is the only module with process-level state (signal handlers, the running service).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.event
+
+from fs_cc360.calls import TRACKED_EVENTS, CallTracker, CrmEvent, TrackerConfig
+from fs_cc360.cc360 import Cc360Client
+from fs_cc360.config import Settings
+from fs_cc360.crm_request import request_for
+from fs_cc360.delivery import BackoffPolicy, Deliverer
+from fs_cc360.errors import OutboxError
+from fs_cc360.esl import EslClient
+from fs_cc360.events import ChannelEvent
+from fs_cc360.makecall import MakeCall
+from fs_cc360.metrics import Metrics
+from fs_cc360.outbox import NewItem, OutboxWriter
+from fs_cc360.recordings import Mp3Converter, RecordingLinks
+
+log = logging.getLogger(__name__)
+
+#: Events the service subscribes to: what the tracker reads, plus click-to-call results.
+SUBSCRIBED_EVENTS = (*TRACKED_EVENTS, "BACKGROUND_JOB")
+#: Events kept in memory while the outbox cannot be written, before the oldest are
+#: dropped (loudly): about 60 MB, hours of a busy PBX.
+SPOOL_LIMIT = 200_000
+#: How often the tracker's waits are checked and the outbox health is probed.
+TICK_SECONDS = 1.0
+HEALTH_SECONDS = 5.0
+
+
+def tracker_config(settings: Settings) -> TrackerConfig:
+    """The call tracker's rules from ``[calls]`` and ``[extensions]``."""
+    calls = settings.calls
+    return TrackerConfig(
+        extension_pattern=calls.extension_pattern.pattern,
+        extensions=dict(settings.extensions),
+        missed_calls=calls.missed_calls,
+        outgoing_realtime=calls.outgoing_realtime,
+        internal_calls=calls.internal_calls,
+        numbers=settings.number_rules(),
+        recording_variable=calls.recording_variable,
+        summary_wait=calls.summary_wait,
+    )
+
+
+def recording_links(settings: Settings) -> RecordingLinks | None:
+    """Links for ``FILES``; None when ``[webapi] public_url`` is not set (no links)."""
+    web = settings.webapi
+    if not web.public_url:
+        return None
+    return RecordingLinks(
+        web.public_url, str(web.recordings_dir), mode=web.recording_auth,
+        secret=web.recording_key(), shared_token=web.token, mp3=web.convert_to_mp3,
+    )
+
+
+def new_item(event: CrmEvent, links: RecordingLinks | None) -> NewItem:
+    """The outbox row for one CC360 event."""
+    link = None
+    if links is not None:
+        def link(path: str) -> str:
+            url = links.url_for(path)
+            if url is None:
+                log.warning("recording.outside_dir call=%s path=%s: not linked "
+                            "(check [webapi] recordings_dir)", event.call_id, path)
+                return ""
+            return url
+    request = request_for(event, link)
+    if request.body and "FILES" in request.body:
+        request.body["FILES"] = [url for url in request.body["FILES"] if url]
+    return NewItem(call_key=event.call_id, kind=event.kind, request=request, user=event.user,
+                   callerid=event.callerid, event_at=event.at)
+
+
+def crm_client(settings: Settings, lanes: int | None = None) -> Cc360Client:
+    crm = settings.crm
+    return Cc360Client(
+        crm.url, crm.token, auth=crm.auth, login=crm.login, password=crm.password,
+        timeout=crm.timeout, verify=crm.requests_verify,
+        lanes=lanes or settings.delivery.concurrency,
+    )
+
+
+@dataclass
+class _Spool:
+    """CC360 events produced but not yet committed to the outbox, in order."""
+
+    items: collections.deque[NewItem] = field(default_factory=collections.deque)
+    wake: gevent.event.Event = field(default_factory=gevent.event.Event)
+    dropped: int = 0
+
+
+class Service:
+    """The running connector. ``start()``, then ``stop()`` (or :func:`run` for both)."""
+
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.tracker = CallTracker(tracker_config(settings))
+        self.links = recording_links(settings)
+        self.outbox = OutboxWriter(settings.outbox.database,
+                                   synchronous=settings.outbox.synchronous)
+        self.outbox_ok = True
+        self._spool = _Spool()
+        delivery = settings.delivery
+        self.client = crm_client(settings)
+        self.deliverer = Deliverer(
+            self.outbox, self.client, concurrency=delivery.concurrency,
+            realtime_ttl=delivery.realtime_ttl, max_rejections=delivery.max_rejections,
+            lease_seconds=delivery.lease_seconds,
+            backoff=BackoffPolicy(initial=delivery.backoff_initial, maximum=delivery.backoff_max),
+            observer=self.metrics, clock=clock,
+        )
+        fs = settings.freeswitch
+        self.esl = EslClient(
+            fs.host, fs.port, fs.password, events=SUBSCRIBED_EVENTS,
+            on_event=self._on_event, on_state=self._on_esl_state, on_job=self._on_job,
+            connect_timeout=fs.connect_timeout, backoff_max=fs.reconnect_max,
+        )
+        self.makecall = MakeCall(
+            self.esl.bgapi, template=settings.webapi.originate,
+            is_extension=lambda user: settings.extension_for(user) is not None,
+            rules=settings.number_rules(),
+            per_agent_seconds=settings.webapi.makecall_per_agent_seconds,
+            metrics=self.metrics,
+        )
+        self.metrics.set_outbox_source(lambda: self.outbox.stats(self.clock()))
+        self.web_server = None
+        self._stop = gevent.event.Event()
+        self._greenlets: list[gevent.Greenlet] = []
+
+    # -- ESL side (runs in the ESL reader greenlet: nothing here may block) -------------
+
+    def _on_event(self, event: ChannelEvent) -> None:
+        self.metrics.esl_event()
+        self._accept(self.tracker.feed(event, now=self.clock()))
+
+    def _on_job(self, job_uuid: str, body: str) -> None:
+        self.makecall.on_job_result(job_uuid, body)
+
+    def _on_esl_state(self, connected: bool) -> None:
+        self.metrics.esl_state(connected)
+
+    def _accept(self, events: list[CrmEvent]) -> None:
+        if not events:
+            return
+        spool = self._spool
+        for event in events:
+            self.metrics.crm_event(event.kind)
+            log.info("crm.event call=%s kind=%s user=%s callerid=%s%s", event.call_id,
+                     event.kind, event.user, event.callerid,
+                     f" direction={event.direction} duration={event.duration}"
+                     f" files={len(event.files)}" if event.kind == "summary" else "")
+            spool.items.append(new_item(event, self.links))
+        while len(spool.items) > SPOOL_LIMIT:
+            lost = spool.items.popleft()
+            spool.dropped += 1
+            log.error("outbox.spool_overflow dropped call=%s kind=%s: the outbox has been "
+                      "unwritable too long", lost.call_key, lost.kind)
+        spool.wake.set()
+
+    # -- background greenlets ------------------------------------------------------------
+
+    def _commit_loop(self) -> None:
+        """Write the spool to the outbox in batches; retry (never drop) while it fails."""
+        spool = self._spool
+        delay = 0.5
+        while True:
+            if not spool.items:
+                if self._stop.is_set():
+                    return
+                spool.wake.clear()
+                spool.wake.wait(TICK_SECONDS)
+                continue
+            batch = list(spool.items)[: self.outbox.max_batch]
+            try:
+                self.outbox.enqueue(batch)
+            except OutboxError as exc:
+                if self.outbox_ok:
+                    log.error("outbox.unwritable pending=%d error=%s: events are held in "
+                              "memory and retried", len(spool.items), exc)
+                self._set_outbox_ok(False)
+                if self._stop.wait(delay):
+                    delay = 0.1  # stopping: a few more quick tries, then give up
+                    if not self._retry_on_stop():
+                        return
+                delay = min(delay * 2, 10.0)
+                continue
+            for _ in batch:
+                spool.items.popleft()
+            if not self.outbox_ok:
+                log.warning("outbox.writable_again committed=%d", len(batch))
+            self._set_outbox_ok(True)
+            delay = 0.5
+            self.deliverer.notify()
+
+    def _retry_on_stop(self) -> bool:
+        tries = getattr(self, "_stop_tries", 0) + 1
+        self._stop_tries = tries
+        if tries > 5:
+            log.error("outbox.shutdown_lost count=%d: the outbox stayed unwritable; these "
+                      "events were not saved", len(self._spool.items))
+            return False
+        return True
+
+    def _set_outbox_ok(self, ok: bool) -> None:
+        self.outbox_ok = ok
+        self.metrics.outbox_writable.set(1 if ok else 0)
+
+    def _tick_loop(self) -> None:
+        last_health = 0.0
+        last_purge = 0.0
+        while not self._stop.wait(TICK_SECONDS):
+            now = self.clock()
+            try:
+                self._accept(self.tracker.tick(now))
+            except Exception:  # a rule bug must not stop the service
+                log.exception("calls.tick_failed")
+            if now - last_health >= HEALTH_SECONDS:
+                last_health = now
+                self._probe_outbox()
+            if now - last_purge >= 3600:
+                last_purge = now
+                self._purge(now)
+
+    def _probe_outbox(self) -> None:
+        try:
+            self.outbox.check_writable()
+        except OutboxError as exc:
+            if self.outbox_ok:
+                log.error("outbox.unwritable error=%s", exc)
+            self._set_outbox_ok(False)
+            return
+        if not self._spool.items:
+            self._set_outbox_ok(True)
+
+    def _purge(self, now: float) -> None:
+        older_than = now - self.settings.outbox.retention_days * 86400
+        try:
+            purged = self.outbox.purge_delivered(older_than)
+        except OutboxError as exc:
+            log.warning("outbox.purge_failed error=%s", exc)
+            return
+        if purged:
+            log.info("outbox.purged delivered=%d", purged)
+
+    @property
+    def spooled(self) -> int:
+        """CC360 events produced but not yet committed to the outbox."""
+        return len(self._spool.items)
+
+    def health(self) -> dict[str, bool]:
+        return {"esl": bool(self.esl.connected), "outbox": self.outbox_ok}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        web = self.settings.webapi
+        if web.enabled:
+            from fs_cc360.webapi import make_app, serve
+
+            converter = Mp3Converter() if web.convert_to_mp3 else None
+            links = self.links or RecordingLinks(
+                web.public_url or "http://localhost", str(web.recordings_dir),
+                mode=web.recording_auth, secret=web.recording_key() or b"unset",
+                shared_token=web.token or "unset")
+            app = make_app(token=web.token, makecall=self.makecall, links=links,
+                           health=self.health, metrics=self.metrics,
+                           metrics_token=web.metrics_token, cors_origins=web.cors_origins,
+                           converter=converter)
+            self.web_server = serve(
+                app, web.address, max_connections=web.max_connections,
+                certfile=web.tls_cert, keyfile=web.tls_key)
+        self._greenlets = [
+            gevent.spawn(self._commit_loop),
+            gevent.spawn(self._tick_loop),
+            gevent.spawn(self.deliverer.run, self._stop),
+        ]
+        self.esl.start()
+        log.info("service.started freeswitch=%s:%s crm=%s auth=%s outbox=%s",
+                 self.settings.freeswitch.host, self.settings.freeswitch.port,
+                 self.settings.crm.url or "-", self.settings.crm.auth, self.outbox.path)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Graceful stop: stop reading ESL, save what is in flight, finish or release
+        deliveries, close the database."""
+        log.info("service.stopping")
+        self.esl.stop()
+        if self.web_server is not None:
+            self.web_server.stop(timeout=2)
+        # Summaries still waiting for a partner leg go out now rather than never.
+        self._accept(self.tracker.flush())
+        self._stop.set()
+        self._spool.wake.set()
+        gevent.joinall(self._greenlets, timeout=timeout)
+        for greenlet in self._greenlets:
+            if not greenlet.dead:
+                log.warning("service.stop_timeout greenlet=%s: killed", greenlet)
+                greenlet.kill(block=True, timeout=2)
+        if self._spool.items:
+            log.error("service.unsaved events=%d: the outbox was unwritable at shutdown",
+                      len(self._spool.items))
+        self.outbox.close()
+        self.client.close()
+        log.info("service.stopped")
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+
+def run(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then stop gracefully (``fs-cc360 run``)."""
+    service = Service(settings)
+    stopping = gevent.event.Event()
+
+    def on_signal(*_: object) -> None:
+        if not stopping.is_set():
+            log.info("service.signal: stopping")
+            stopping.set()
+
+    gevent.signal_handler(signal.SIGTERM, on_signal)
+    gevent.signal_handler(signal.SIGINT, on_signal)
+    service.start()
+    stopping.wait()
+    service.stop()
+    return 0
