@@ -161,6 +161,7 @@ class _Leg:
     originated: list[tuple[str, str]] = field(default_factory=list)  # (uuid, extension)
     recordings: dict[str, _Recording] = field(default_factory=dict)
     first_event: str = ""
+    profiled: bool = False  # its own event was read (not only the peer side of a bridge)
 
     def add_partner(self, uuid: str | None) -> None:
         if uuid and uuid != self.uuid and uuid not in self.partners:
@@ -264,28 +265,33 @@ class CallTracker:
             leg = self._legs[uuid] = _Leg(uuid=uuid, seen_at=at, first_event=event.name)
         leg.seen_at = at
         get = event.get
+        if not leg.profiled:
+            self._profile(leg, event)
+        # What changes during a call: transfers rewrite the caller ID and destination.
+        leg.caller_number = get("Caller-Caller-ID-Number") or leg.caller_number
+        leg.destination = get("Caller-Destination-Number") or leg.destination
+        return leg
+
+    def _profile(self, leg: _Leg, event: ChannelEvent) -> None:
+        """What does not change over a leg's life, read once from its first own event
+        (a verbose event has ~300 headers; the hot path reads as few as it can)."""
+        get = event.get
+        leg.profiled = True
+        leg.first_event = leg.first_event or event.name
         leg.direction = get("Call-Direction") or leg.direction
         leg.channel = get("Channel-Name") or leg.channel
         leg.context = get("Caller-Context") or leg.context
-        leg.caller_number = get("Caller-Caller-ID-Number") or leg.caller_number
         leg.orig_caller_number = (
-            leg.orig_caller_number
-            or get("Caller-Orig-Caller-ID-Number")
-            or get("Caller-ANI")
-            or ""
+            get("Caller-Orig-Caller-ID-Number") or get("Caller-ANI") or leg.orig_caller_number
         )
-        leg.destination = get("Caller-Destination-Number") or leg.destination
-        if leg.originator is None:
-            originator = event.var("originator")
-            if not originator and get("Other-Type") == "originator":
-                originator = get("Other-Leg-Unique-ID")
-            if originator and originator != uuid:
-                leg.originator = originator
-        leg.cc360_direction = event.var("cc360_direction") or leg.cc360_direction
-        leg.cc360_client = event.var("cc360_client") or leg.cc360_client
-        if leg.extension is None:
-            leg.extension = self._extension_of(event)
-        return leg
+        originator = event.var("originator")
+        if not originator and get("Other-Type") == "originator":
+            originator = get("Other-Leg-Unique-ID")
+        if originator and originator != leg.uuid:
+            leg.originator = originator
+        leg.cc360_direction = event.var("cc360_direction") or ""
+        leg.cc360_client = event.var("cc360_client") or ""
+        leg.extension = self._extension_of(event)
 
     def _extension_of(self, event: ChannelEvent) -> str | None:
         """The agent's extension for this leg, or None when it is not an agent leg."""

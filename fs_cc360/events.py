@@ -237,10 +237,19 @@ def parse_event(data: bytes | str) -> ChannelEvent:
     """Parse the body of a ``text/event-plain`` frame.
 
     Raises :class:`FrameError` when it is not an event (no ``Event-Name``).
+
+    Only an event with a body of its own (BACKGROUND_JOB) has a ``Content-Length`` header,
+    so the blank line that ends the headers is searched for only after it: searching a
+    13 KB channel event for ``\\n\\n`` would cost more than the rest of the parse.
     """
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
-    head, _, rest = bytes(data).partition(b"\n\n")
+    data = bytes(data)
+    marker = data.find(b"\nContent-Length: ")
+    if marker < 0 and not data.startswith(b"Content-Length: "):
+        head, rest = data, b""
+    else:
+        head, _, rest = data.partition(b"\n\n")
     event = ChannelEvent(head.decode("utf-8", "replace"))
     if not event.name:
         raise FrameError(f"event without Event-Name: {head[:80]!r}")
