@@ -20,10 +20,7 @@ EXIT_CONFIG = 2
 def load(args: argparse.Namespace, *, require_crm: bool = True) -> Settings:
     """The settings for a command: ``--config`` file, env, ``--log-level``."""
     overrides = {"logging": {"level": getattr(args, "log_level", None)}}
-    settings = load_settings(args.config, overrides=overrides, require_crm=require_crm)
-    if getattr(args, "log_level", None) is None:
-        logging.getLogger().setLevel(settings.logging.level)
-    return settings
+    return load_settings(args.config, overrides=overrides, require_crm=require_crm)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -39,12 +36,13 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
-    """One handler on the root logger, to stdout (journald reads it)."""
+def setup_logging(level: str, fmt: str = "text", stream: Any = None) -> None:
+    """One handler on the root logger. The service logs to stdout (journald reads it);
+    the one-shot commands to stderr, so stdout holds only what a script parses."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -136,20 +135,10 @@ def database_file(database: str) -> Path | None:
 
 
 def cli_settings(args: argparse.Namespace, *, require_crm: bool = False) -> Settings:
-    """:func:`~fs_cc360.cli.common.load`, then logging fit for a short command.
-
-    Log records go to stderr, so stdout holds only the table or the JSON a script parses,
-    and below WARNING only with an explicit ``--log-level`` (``[logging] level = INFO`` is
-    meant for the service, not for every ``outbox list``).
-    """
-    settings = load(args, require_crm=require_crm)
-    root = logging.getLogger()
-    if getattr(args, "log_level", None) is None:
-        root.setLevel(max(logging.WARNING, root.level))
-    for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
-    return settings
+    """:func:`~fs_cc360.cli.common.load` for a short command (``main()`` has already sent
+    log records to stderr at WARNING unless ``--log-level``, so stdout holds only the table
+    or the JSON a script parses; ``[logging] level`` is meant for the service)."""
+    return load(args, require_crm=require_crm)
 
 
 def plural(count: int, word: str) -> str:

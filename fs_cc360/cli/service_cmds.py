@@ -35,7 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fs_cc360 import service
 
     settings = load(args)
-    setup_logging(args.log_level or settings.logging.level, settings.logging.format)
+    setup_logging(args.log_level or settings.logging.level, settings.logging.format,
+                  stream=sys.stdout)
     return service.run(settings)
 
 
