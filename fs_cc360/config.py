@@ -20,7 +20,7 @@ one :class:`~fs_cc360.errors.ConfigError`, one line per problem, each line namin
 ``[section] key``, where the value came from, the value (``***`` for secrets) and what is
 expected::
 
-    [crm] url = 'ftp://x' (from /etc/fs-cc360.ini): expected an http:// or https:// URL
+    [crm] url = 'ftp://x' (from /etc/fs-cc360/fs-cc360.ini): expected an http:// or https:// URL
 """
 
 from __future__ import annotations

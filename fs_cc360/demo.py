@@ -142,7 +142,7 @@ def run_demo(*, calls: int = 2, outage: float = 4.0, quiet: bool = False,
             ok = _wait_drained(service, timeout=60)
         finally:
             service.stop()
-        return _report(tmp / "outbox.sqlite3", crm, ok, say, out)
+        return _report(tmp / "outbox.sqlite3", config, crm, ok, out)
 
 
 def _wait_drained(service: Service, timeout: float) -> bool:
@@ -157,7 +157,7 @@ def _wait_drained(service: Service, timeout: float) -> bool:
     return False
 
 
-def _report(db: Path, crm: FakeCrm, drained: bool, say: object, out: TextIO) -> int:
+def _report(db: Path, config: Path, crm: FakeCrm, drained: bool, out: TextIO) -> int:
     outbox = Outbox(str(db))
     try:
         stats = outbox.stats()
@@ -175,9 +175,11 @@ def _report(db: Path, crm: FakeCrm, drained: bool, say: object, out: TextIO) -> 
     in_order = all(kinds == sorted(kinds, key=ORDER.__getitem__) for kinds in got.values())
     complete = got == expected
     undelivered = stats.total - stats.count(OutboxStatus.delivered)
-    print("\noutbox stats:", file=out)
-    for status in OutboxStatus:
-        print(f"  {status.value:10} {stats.count(status)}", file=out)
+    print(f"\n$ fs-cc360 --config {config} outbox stats", file=out, flush=True)
+    from fs_cc360.cli import main as cli_main
+
+    with contextlib.redirect_stdout(out):
+        cli_main(["--config", str(config), "outbox", "stats"])
     print(f"\n{sum(len(v) for v in got.values())} CC360 requests for {len(got)} agent calls; "
           f"per-call order {'kept' if in_order else 'BROKEN'}; "
           f"{'every event delivered exactly once' if complete and not undelivered else 'MISSING or extra events'}; "  # noqa: E501

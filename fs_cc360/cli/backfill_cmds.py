@@ -4,7 +4,7 @@ See :mod:`fs_cc360.backfill` for how mod_json_cdr files become summaries, why no
 sent twice, and where processed files are remembered. A cron line, after the service
 has been down::
 
-    */15 * * * *  fs-cc360 --config /etc/fs-cc360.ini backfill /var/log/freeswitch/json_cdr
+    */15 * * * *  fs-cc360 --config /etc/fs-cc360/fs-cc360.ini backfill /var/log/freeswitch/json_cdr
 """
 
 from __future__ import annotations
