@@ -18,7 +18,10 @@ This is the only module with process-level state (signal handlers, the running s
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -187,9 +190,15 @@ class Service:
     # -- background greenlets ------------------------------------------------------------
 
     def _commit_loop(self) -> None:
-        """Write the spool to the outbox in batches; retry (never drop) while it fails."""
+        """Write the spool to the outbox in batches; retry (never drop) while it fails.
+
+        Everything spooled while one commit runs goes into the next: under load one fsync
+        covers many events. After ``stop()`` a failing outbox gets a few quick tries more,
+        then what is left is reported as lost (there is nowhere else to keep it).
+        """
         spool = self._spool
         delay = 0.5
+        tries_after_stop = 0
         while True:
             if not spool.items:
                 if self._stop.is_set():
@@ -197,7 +206,7 @@ class Service:
                 spool.wake.clear()
                 spool.wake.wait(TICK_SECONDS)
                 continue
-            batch = list(spool.items)[: self.outbox.max_batch]
+            batch = list(itertools.islice(spool.items, self.outbox.max_batch))
             try:
                 self.outbox.enqueue(batch)
             except OutboxError as exc:
@@ -205,11 +214,14 @@ class Service:
                     log.error("outbox.unwritable pending=%d error=%s: events are held in "
                               "memory and retried", len(spool.items), exc)
                 self._set_outbox_ok(False)
-                if self._stop.wait(delay):
-                    delay = 0.1  # stopping: a few more quick tries, then give up
-                    if not self._retry_on_stop():
+                if self._stop.is_set():
+                    tries_after_stop += 1
+                    if tries_after_stop > 5:
                         return
-                delay = min(delay * 2, 10.0)
+                    gevent.sleep(0.1)
+                else:
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, 10.0)
                 continue
             for _ in batch:
                 spool.items.popleft()
@@ -218,15 +230,6 @@ class Service:
             self._set_outbox_ok(True)
             delay = 0.5
             self.deliverer.notify()
-
-    def _retry_on_stop(self) -> bool:
-        tries = getattr(self, "_stop_tries", 0) + 1
-        self._stop_tries = tries
-        if tries > 5:
-            log.error("outbox.shutdown_lost count=%d: the outbox stayed unwritable; these "
-                      "events were not saved", len(self._spool.items))
-            return False
-        return True
 
     def _set_outbox_ok(self, ok: bool) -> None:
         self.outbox_ok = ok
@@ -285,10 +288,12 @@ class Service:
             from fs_cc360.webapi import make_app, serve
 
             converter = Mp3Converter() if web.convert_to_mp3 else None
+            # Serving needs the link rules even when summaries carry no links; without a
+            # key nothing can verify (a random one), never a guessable placeholder.
             links = self.links or RecordingLinks(
                 web.public_url or "http://localhost", str(web.recordings_dir),
-                mode=web.recording_auth, secret=web.recording_key() or b"unset",
-                shared_token=web.token or "unset")
+                mode=web.recording_auth, secret=web.recording_key() or os.urandom(32),
+                shared_token=web.token or secrets.token_urlsafe(32))
             app = make_app(token=web.token, makecall=self.makecall, links=links,
                            health=self.health, metrics=self.metrics,
                            metrics_token=web.metrics_token, cors_origins=web.cors_origins,
