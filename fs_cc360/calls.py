@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fs_cc360.events import ChannelEvent
@@ -443,25 +443,25 @@ class CallTracker:
                      out: list[CrmEvent]) -> None:
         if leg.progress_at is None:
             leg.progress_at = at
-        part = self._part(leg)
-        if part is not None and leg.direction == "outbound" and part.kind in (
-            "incoming", "internal_in"
-        ):
-            self._ring(part, at, out)
-        for client_of in self._client_parts(leg):
-            self._ring(client_of, at, out)
+        self._advance(leg, self._ring, at, out)
 
     def _on_answer(self, leg: _Leg, event: ChannelEvent, at: float, now: float,
                    out: list[CrmEvent]) -> None:
         if leg.answered_at is None:
             leg.answered_at = at
+        self._advance(leg, self._answer, at, out)
+
+    def _advance(self, leg: _Leg, step: Callable[[_Part, float, list[CrmEvent]], None],
+                 at: float, out: list[CrmEvent]) -> None:
+        """Ring or answer: the agent's own phone for incoming parts (never the caller's
+        leg, never a phone the agent is dialling from), the client's leg for outgoing."""
         part = self._part(leg)
         if part is not None and leg.direction == "outbound" and part.kind in (
             "incoming", "internal_in"
         ):
-            self._answer(part, at, out)
+            step(part, at, out)
         for client_of in self._client_parts(leg):
-            self._answer(client_of, at, out)
+            step(client_of, at, out)
 
     def _on_bridge(self, leg: _Leg, event: ChannelEvent, at: float, now: float,
                    out: list[CrmEvent]) -> None:

@@ -24,10 +24,10 @@ from fs_cc360 import outbox as outbox_module
 from fs_cc360.cc360 import Cc360Client
 from fs_cc360.cli import main
 from fs_cc360.cli.outbox_cmds import STALL_AFTER, health
-from fs_cc360.crm_request import CrmRequest
 from fs_cc360.delivery import BackoffPolicy, Deliverer
-from fs_cc360.outbox import NewItem, Outbox, OutboxStats, OutboxStatus, OutboxWriter
+from fs_cc360.outbox import Outbox, OutboxStats, OutboxStatus, OutboxWriter
 from tests.fakes.crm import FakeCrm
+from tests.fixtures import item
 
 REPO = Path(__file__).resolve().parent.parent
 JSON_CDR = REPO / "tests" / "captures" / "json_cdr"
@@ -37,21 +37,6 @@ DAY = 86400.0
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-def request(call: str, kind: str) -> CrmRequest:
-    if kind == "summary":
-        return CrmRequest("POST", "PushHistoryData",
-                          {"id": call, "callerid": "79991234567", "user": "101",
-                           "event": "incoming", "duration": "7"}, {"FILES": []})
-    return CrmRequest("GET", "RingingEventHandler",
-                      {"id": call, "eventName": kind, "callerid": "79991234567",
-                       "user": "101"})
-
-
-def item(call: str, kind: str, event_at: float | None = None) -> NewItem:
-    return NewItem(call, kind, request(call, kind), user="101", callerid="79991234567",
-                   event_at=event_at)
 
 
 def write_config(path: Path, db: Path, crm: FakeCrm | None = None, *,

@@ -15,30 +15,16 @@ import gevent.event
 import pytest
 
 from fs_cc360.cc360 import Cc360Client
-from fs_cc360.crm_request import CrmRequest
 from fs_cc360.delivery import BackoffPolicy, Deliverer
-from fs_cc360.outbox import NewItem, Outbox, OutboxStatus, OutboxWriter
+from fs_cc360.outbox import Outbox, OutboxStatus, OutboxWriter
 from tests.fakes.crm import FakeCrm
+from tests.fixtures import item
 
 TOKEN = "tok123"
 LOGIN = "admin"
 PASSWORD = "secret"
 T0 = 1_700_000_000.0
 KINDS = ("ringing", "answer", "hangup", "summary")
-
-
-def request(call: str, kind: str) -> CrmRequest:
-    if kind == "summary":
-        return CrmRequest("POST", "PushHistoryData",
-                          {"id": call, "callerid": "79991234567", "user": "101",
-                           "event": "incoming", "duration": "7"}, {"FILES": []})
-    return CrmRequest("GET", "RingingEventHandler",
-                      {"id": call, "eventName": kind, "callerid": "79991234567", "user": "101"})
-
-
-def item(call: str, kind: str, event_at: float | None = None) -> NewItem:
-    return NewItem(call, kind, request(call, kind), user="101", callerid="79991234567",
-                   event_at=event_at)
 
 
 def arrived(crm: FakeCrm) -> list[tuple[str, str]]:

@@ -16,25 +16,11 @@ from gevent.monkey import get_original
 from gevent.threadpool import ThreadPool
 
 from fs_cc360 import outbox as outbox_module
-from fs_cc360.crm_request import CrmRequest
 from fs_cc360.errors import OutboxError
-from fs_cc360.outbox import NewItem, Outbox, OutboxStatus, OutboxWriter, Row
+from fs_cc360.outbox import Outbox, OutboxStatus, OutboxWriter, Row
+from tests.fixtures import item, request
 
 T0 = 1_000_000.0  # a pinned clock: every call passes ``now``
-
-
-def request(call: str, kind: str) -> CrmRequest:
-    if kind == "summary":
-        return CrmRequest("POST", "PushHistoryData",
-                          {"id": call, "callerid": "79991234567", "user": "101",
-                           "event": "incoming", "duration": "7"}, {"FILES": []})
-    return CrmRequest("GET", "RingingEventHandler",
-                      {"id": call, "eventName": kind, "callerid": "79991234567", "user": "101"})
-
-
-def item(call: str, kind: str, event_at: float | None = None) -> NewItem:
-    return NewItem(call, kind, request(call, kind), user="101", callerid="79991234567",
-                   event_at=event_at)
 
 
 def keys(rows: list[Row]) -> list[tuple[str, str]]:
