@@ -245,9 +245,24 @@ def _bind_models(db: peewee.Database) -> tuple[type[OutboxEntry], type[OutboxMet
     return Entry, Meta_
 
 
+def _unmask_rollback(exc: BaseException) -> BaseException:
+    """The error a failed rollback hides.
+
+    On SQLITE_FULL or an I/O error SQLite rolls the transaction back by itself; peewee's
+    own rollback then fails with "cannot rollback - no transaction is active", and that is
+    what propagates, with the real cause (disk full, read-only) in ``__context__``.
+    """
+    for _ in range(5):
+        if "no transaction is active" in str(exc) and exc.__context__ is not None:
+            exc = exc.__context__
+        else:
+            break
+    return exc
+
+
 def _sqlite_error_of(exc: BaseException) -> BaseException:
     """The driver error peewee wrapped (first in ``args``, or up the context chain)."""
-    seen: BaseException | None = exc
+    seen: BaseException | None = _unmask_rollback(exc)
     for _ in range(5):
         if seen is None or isinstance(seen, sqlite3.Error):
             break
@@ -364,7 +379,8 @@ class Outbox:
         except OutboxError:
             raise
         except (peewee.PeeweeException, sqlite3.Error) as exc:
-            raise OutboxError(_explain(self.path, exc), orig=exc) from exc
+            cause = _unmask_rollback(exc)
+            raise OutboxError(_explain(self.path, cause), orig=cause) from exc
 
     @contextmanager
     def _read(self) -> Iterator[None]:
