@@ -533,12 +533,5 @@ def test_outbox_unwritable_is_reported_and_recovered(
     unwritable = [m for m in errors if m.startswith("outbox.unwritable")]
     print(f"FAULT outbox-{fault} logged: " + (unwritable[0] if unwritable else repr(errors[:3])))
     assert unwritable, errors[:5]
-    reason = "disk full" if fault == "disk-full" else "I/O error"
-    if reason not in unwritable[0]:
-        # Everything else held; only the operator's explanation is wrong. SQLite rolls
-        # the transaction back itself when a write fails with SQLITE_FULL/IOERR, peewee's
-        # atomic() then issues ROLLBACK, which fails with "cannot rollback - no
-        # transaction is active", and outbox._sqlite_error_of stops at that error, so
-        # _explain never sees the real cause (further down __context__).
-        pytest.xfail(f"product bug (reported): the log should say {reason!r}, it says "
-                     f"{unwritable[0].split(': ', 2)[-1][:80]!r}")
+    # the operator is told the real cause (SQLite's own rollback used to mask it)
+    assert ("disk full" if fault == "disk-full" else "I/O error") in unwritable[0]
