@@ -43,6 +43,7 @@ from fs_cc360.events import parse_event
 from fs_cc360.outbox import NewItem
 from fs_cc360.recordings import RecordingLinks
 from fs_cc360.service import SUBSCRIBED_EVENTS, new_item, tracker_config
+from fs_cc360.simulators import wait_until  # noqa: F401 - used by the benches
 from fs_cc360.simulators.captures import remap, shift_to_now
 from fs_cc360.simulators.crm import FakeCrm
 from fs_cc360.simulators.freeswitch import FakeFreeSwitch, event_name
@@ -477,17 +478,6 @@ def proc_cpu_seconds(pid: int | str = "self") -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` (cooperatively) until it is true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        gevent.sleep(interval)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import time
 from collections.abc import Callable, Iterator
 
 import gevent
@@ -14,6 +13,7 @@ import pytest
 from fs_cc360.errors import EslCommandError, EslConnectionError, EslError
 from fs_cc360.esl import AUTH_REFUSED_HINT, DEFAULT_EVENTS, REJECTED_HINT, EslClient, backoff_delay
 from fs_cc360.events import ChannelEvent, parse_event
+from fs_cc360.simulators import wait_until
 from tests.fakes.captures import SCENARIOS, capture_frames, event_frame, interleave, remap
 from tests.fakes.esl import (
     DISCONNECT_BODY,
@@ -29,15 +29,6 @@ CAPTURE_EVENTS = (
     "CHANNEL_UNBRIDGE CHANNEL_HANGUP CHANNEL_HANGUP_COMPLETE CHANNEL_DESTROY CHANNEL_CALLSTATE "
     "CHANNEL_STATE RECORD_START RECORD_STOP CHANNEL_ORIGINATE CHANNEL_OUTGOING BACKGROUND_JOB"
 ).split()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        gevent.sleep(0.01)
-    return True
 
 
 class Recorder:

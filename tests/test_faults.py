@@ -477,11 +477,10 @@ def fill(disk: Path) -> Path:
     """Write a file until the volume is full (ENOSPC)."""
     filler = disk / "filler"
     chunk = b"\0" * 65536
-    with open(filler, "wb") as out:
+    with open(filler, "wb", buffering=0) as out:  # unbuffered: close() has nothing to flush
         try:
             while True:
                 out.write(chunk)
-                out.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler

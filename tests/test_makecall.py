@@ -14,7 +14,6 @@ import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import gevent
 import pytest
 
 from fs_cc360.errors import ConfigError, EslConnectionError
@@ -28,6 +27,7 @@ from fs_cc360.makecall import (
 )
 from fs_cc360.metrics import Metrics
 from fs_cc360.numbers import NumberRules
+from fs_cc360.simulators import wait_until
 from tests.test_webapi import (
     CALL_1,
     EXTENSIONS,
@@ -48,15 +48,6 @@ def make(bgapi: Callable[[str, str | None], str], **kwargs: Any) -> MakeCall:
     kwargs.setdefault("new_uuid", fixed_uuids())
     kwargs.setdefault("clock", FakeClock())
     return MakeCall(bgapi, **kwargs)
-
-
-def wait_until(predicate: Callable[[], bool], rounds: int = 500) -> bool:
-    """Poll ``predicate`` a bounded number of times, yielding to other greenlets between."""
-    for _ in range(rounds):
-        if predicate():
-            return True
-        gevent.sleep(0.01)
-    return predicate()
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from fs_cc360.config import Settings, load_settings
 from fs_cc360.outbox import Outbox, OutboxStatus
 from fs_cc360.service import Service
+from fs_cc360.simulators import wait_until
 from fs_cc360.simulators.crm import FakeCrm
 from tests.fakes.captures import SCENARIOS, capture_frames, interleave, remap, shift_to_now
 from tests.fakes.esl import FakeFreeSwitch
@@ -67,15 +67,6 @@ def pipeline(tmp: Path, mode: str = "forms", **extra: dict
             yield service, fs, crm
         finally:
             service.stop()
-
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(0.05)
-    return predicate()
 
 
 def drained(service: Service) -> bool:

@@ -39,6 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
+from fs_cc360.simulators import wait_until
 from fs_cc360.simulators.captures import demo_frames, event_frame
 
 DISCONNECT_BODY = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
@@ -347,14 +348,14 @@ class FakeFreeSwitch:
 
     def wait_connected(self, timeout: float = 5.0) -> bool:
         """Wait until a client is authenticated and subscribed."""
-        return _wait(lambda: self.ready_clients > 0, timeout)
+        return wait_until(lambda: self.ready_clients > 0, timeout)
 
     def wait_for_command(self, prefix: str, timeout: float = 5.0, count: int = 1) -> str | None:
         """Wait until ``count`` commands starting with ``prefix`` arrived; return the last."""
         def found() -> list[str]:
             with self._lock:
                 return [c for c in self.commands if c.startswith(prefix)]
-        if _wait(lambda: len(found()) >= count, timeout):
+        if wait_until(lambda: len(found()) >= count, timeout):
             return found()[-1]
         return None
 
@@ -437,16 +438,6 @@ class FakeFreeSwitch:
             ("Event-Calling-Line-Number", "1572"),
             ("Event-Sequence", str(seq)),
         ]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
 
 
 # -- hostile input ---------------------------------------------------------------------
