@@ -1,10 +1,22 @@
 """The delivery loop: drains the outbox to CC360, one call's events strictly in order.
 
 Shaped like rq's ``work()`` and sized like huey's ``loop()``: :meth:`Deliverer.run_once`
-is one step (reclaim stale leases, claim the due heads, expire stale realtime rows, send
-the rest on free lanes, record each outcome in ``_on_delivered`` / ``_on_retry`` /
-``_on_dead``); :meth:`Deliverer.run` only repeats it until stopped, sleeping while there
-is nothing to do and waking at once on :meth:`Deliverer.notify`.
+is one step (now and then reclaim stale leases; record the outcomes gathered since the
+last step and claim due heads for the free lanes, in one outbox call; expire stale
+realtime rows; send the rest on free lanes, each outcome decided in ``_on_delivered`` /
+``_on_retry`` / ``_on_dead``); :meth:`Deliverer.run` only repeats it until stopped,
+sleeping while there is nothing to do and waking at once when a lane frees or on
+:meth:`Deliverer.notify`.
+
+Outcomes are group-committed: a lane that gets its answer queues the outcome (a
+:class:`~fs_cc360.outbox.Mark`) and is free at once; the next step writes every queued
+mark in one transaction and, in the same call, claims rows for the free lanes
+(:meth:`~fs_cc360.outbox.Outbox.mark_and_claim`). While that call runs in the outbox
+thread, more lanes finish and their marks go into the next one, so under load one
+transaction covers many rows. :meth:`Deliverer.run` also claims up to ``prefetch`` rows
+ahead (heads of other calls, leased like any claim): a lane that frees takes the next
+one at once, without waiting for the outbox thread, so a backlog drains at the speed of
+the CRM and of the HTTP client, not of SQLite round trips.
 
 Per-call order comes from the outbox: only the head of a key (its oldest non-final row)
 is ever claimed, and the next row becomes the head only when this one is final
@@ -16,10 +28,17 @@ at a time is sent, no sooner than a global backoff allows (which honours
 ``Retry-After``). The first success closes the circuit and the backlog drains with full
 concurrency. The database is never touched while a request is in flight: a row is
 claimed (a short transaction), sent, then its outcome is written (another one).
+
+Per-call order does not depend on when a mark is written: until its mark commits, a row
+stays ``inflight`` in the outbox, so its call's next row is not a head and cannot be
+claimed. Durability of batched marks is argued in :mod:`fs_cc360.outbox`; in short a
+crash (or power failure) before a mark commits only sends that row again, like a crash
+during the request itself, and never sends a call's later row first.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import time
@@ -40,7 +59,7 @@ from fs_cc360.errors import (
     CrmUnavailable,
     OutboxError,
 )
-from fs_cc360.outbox import Row
+from fs_cc360.outbox import Mark, Row
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +67,8 @@ log = logging.getLogger(__name__)
 REALTIME_KINDS = ("ringing", "answer", "hangup")
 #: HTTP statuses that are transient even if a client reports them as a rejection.
 TRANSIENT_STATUSES = (408, 429)
+#: Longest time between two looks for expired leases (rows of a dead deliverer).
+RECLAIM_MAX_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +161,7 @@ class Deliverer:
         realtime_kinds: Collection[str] = REALTIME_KINDS,
         idle_poll: float = 1.0,
         stop_timeout: float = 10.0,
+        prefetch: int | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         observer: DeliveryObserver | None = None,
@@ -169,13 +191,30 @@ class Deliverer:
         self.idle_poll = idle_poll
         #: graceful stop waits this long for in-flight requests, then releases them
         self.stop_timeout = stop_timeout
+        #: rows :meth:`run` claims ahead of free lanes (default: ``concurrency``); never
+        #: while the CRM is down (they are released then, and at stop)
+        self.prefetch = concurrency if prefetch is None else max(0, prefetch)
         self.observer = observer
         self.counts = DeliveryCounts()
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
+        #: seconds between looks for expired leases: a crashed deliverer's rows are sent
+        #: again at most this long after their lease ends (a look costs an outbox call,
+        #: so not one per step)
+        self.reclaim_interval = max(0.0, min(lease_seconds / 4, RECLAIM_MAX_INTERVAL))
         self._pool = gevent.pool.Pool(concurrency)
         self._free_lanes = list(range(concurrency - 1, -1, -1))  # pop() gives lane 0 first
-        self._sending: dict[str, Row] = {}  # call_key -> row being sent by us
+        # call_key -> our row of that call, from its claim until its outcome is committed
+        # (being sent, or answered and its mark queued)
+        self._sending: dict[str, Row] = {}
+        # outcomes decided but not committed yet, in the order they happened
+        self._marks: list[tuple[Mark, Row]] = []
+        # claimed, waiting for a lane: (next_attempt_at, id, row), earliest due first
+        self._ready: list[tuple[float, int, Row]] = []
+        self._stopping = False  # run() is stopping: lanes take no more ready rows
+        self._reclaim_at: float | None = None  # next look for expired leases
+        self._next_due: float | None = None  # from the last claim (see _idle_timeout)
+        self._next_due_known = False
         self._wake = gevent.event.Event()
         self._down = False  # the circuit: True after a transient failure, until a success
         self._failures = 0  # consecutive transient failures (drives the global backoff)
@@ -194,6 +233,7 @@ class Deliverer:
 
     @property
     def in_flight(self) -> int:
+        """Rows claimed by us whose outcome is not committed yet."""
         return len(self._sending)
 
     def notify(self) -> None:
@@ -203,30 +243,84 @@ class Deliverer:
     # -- one step ---------------------------------------------------------------------
 
     def run_once(self, now: float | None = None, *, wait: bool = True) -> int:
-        """One step: reclaim stale leases, claim due heads, expire or send each.
+        """One step: record queued outcomes and claim due heads (one outbox call), then
+        expire or send each claimed row; every ``reclaim_interval`` look for stale leases.
 
         Returns how many rows were claimed (sent or expired). With ``wait`` (the default:
         burst, cron, tests) it returns once the requests it started are answered and
-        recorded; :meth:`run` passes ``wait=False`` so lanes refill as soon as one frees.
-        With an explicit ``now`` the outcomes are recorded at that time too.
+        their outcomes committed; :meth:`run` passes ``wait=False`` so lanes refill as
+        soon as one frees. With an explicit ``now`` the outcomes are recorded at that
+        time too.
         """
         fixed = now is not None
         now = self._clock() if now is None else now
-        self.outbox.reclaim_expired_leases(now)
+        self._next_due_known = False
+        self._maybe_reclaim(now)
+        if self._down and self._ready:
+            self._release_ready()
         limit = self._claim_limit(now)
-        if limit <= 0:
-            return 0
-        rows = self.outbox.claim_due(now, limit, self.lease_seconds,
-                                     exclude_keys=tuple(self._sending))
-        started: list[gevent.Greenlet] = []
+        if not wait and not self._down:
+            limit += max(0, self.prefetch - len(self._ready))
+        rows = self._settle(now, limit)
         for row in rows:
+            self._sending[row.call_key] = row
+            heapq.heappush(self._ready, (row.next_attempt_at, row.id, row))
+        started: list[gevent.Greenlet] = []
+        while self._free_lanes and self._ready:
+            row = heapq.heappop(self._ready)[-1]
             if self._is_stale(row, now):
                 self._on_expired(row, now)
             else:
-                started.append(self._start(row, now if fixed else None))
-        if wait and started:
-            gevent.joinall(started)
+                lane = self._free_lanes.pop()
+                started.append(self._pool.spawn(self._lane, row, lane,
+                                                now if fixed else None))
+        if wait:
+            if started:
+                gevent.joinall(started)
+            self._settle(now, 0)
         return len(rows)
+
+    def _maybe_reclaim(self, now: float) -> None:
+        """Give back rows whose lease ended (their deliverer died), at most once per
+        ``reclaim_interval`` (and again at once if the clock went back)."""
+        due = self._reclaim_at
+        if due is not None and due - self.reclaim_interval <= now < due:
+            return
+        self._reclaim_at = now + self.reclaim_interval
+        self.outbox.reclaim_expired_leases(now)
+
+    def _settle(self, now: float, limit: int) -> list[Row]:
+        """Commit the queued marks and claim up to ``limit`` rows, in one outbox call.
+
+        If the outbox fails, the marks stay queued (in order) for the next step and the
+        error propagates; their rows stay ours (``_sending``), so nothing is claimed
+        for those calls meanwhile.
+        """
+        batch = self._marks
+        if not batch and limit <= 0:
+            return []
+        self._marks = []
+        settled = {id(row) for _, row in batch}
+        # Keys we are still sending (or whose marks queued after this batch) are left
+        # out; keys settled by this batch may yield their next row right away.
+        exclude = [key for key, row in self._sending.items() if id(row) not in settled]
+        try:
+            claimed = self.outbox.mark_and_claim([mark for mark, _ in batch], now, limit,
+                                                 self.lease_seconds, exclude_keys=exclude)
+        except BaseException:
+            self._marks[:0] = batch
+            raise
+        for _, row in batch:
+            if self._sending.get(row.call_key) is row:
+                del self._sending[row.call_key]
+        if limit > 0:
+            self._next_due, self._next_due_known = claimed.next_due_at, True
+        return claimed.rows
+
+    def _record(self, mark: Mark, row: Row) -> None:
+        """Queue ``row``'s outcome for the next step's group commit."""
+        self._marks.append((mark, row))
+        self._wake.set()
 
     def _claim_limit(self, now: float) -> int:
         if self._down:
@@ -240,20 +334,56 @@ class Deliverer:
         happened = row.event_at if row.event_at is not None else row.created_at
         return now - happened > self.realtime_ttl
 
-    def _start(self, row: Row, fixed_now: float | None) -> gevent.Greenlet:
-        lane = self._free_lanes.pop()
-        self._sending[row.call_key] = row
-        return self._pool.spawn(self._deliver, row, lane, fixed_now)
+    def _release_ready(self) -> None:
+        """Give the rows claimed ahead back to the outbox (the CRM is down, or we stop):
+        they were never sent, and must not sit leased in memory meanwhile."""
+        rows = [entry[-1] for entry in self._ready]
+        self._ready = []
+        for row in rows:
+            if self._sending.get(row.call_key) is row:
+                del self._sending[row.call_key]
+        try:
+            self.outbox.release_leases([row.id for row in rows])
+        except OutboxError as exc:  # the leases expire by themselves
+            log.error("delivery.release_failed ids=%s error=%s", [r.id for r in rows], exc)
+
+    def _next_ready(self, fixed_now: float | None) -> Row | None:
+        """The next row claimed ahead for a lane that just freed (None: the lane rests)."""
+        while self._ready and not self._down and not self._stopping:
+            row = heapq.heappop(self._ready)[-1]
+            now = self._now(fixed_now)
+            if not self._is_stale(row, now):
+                return row
+            self._on_expired(row, now)
+        return None
+
+    def _lane(self, row: Row | None, lane: int, fixed_now: float | None) -> None:
+        """Send ``row`` on ``lane``, then rows claimed ahead while there are any (runs in
+        a pool greenlet); the lane is free again when there is nothing ready."""
+        try:
+            while row is not None:
+                self._deliver(row, lane, fixed_now)
+                gevent.sleep(0)
+                row = self._next_ready(fixed_now)
+        finally:
+            self._free_lanes.append(lane)
+            self._wake.set()
 
     def _deliver(self, row: Row, lane: int, fixed_now: float | None) -> None:
-        """Send one row on ``lane`` and record the outcome (runs in a pool greenlet)."""
+        """Send one row on ``lane`` and queue its outcome.
+
+        The lane is free as soon as the answer is in; the outcome is committed by the
+        next step, in the same outbox call that claims more rows.
+        """
         started = time.monotonic()
+        decided = False
         try:
             try:
                 request = row.crm_request()
             except (ValueError, KeyError, TypeError) as exc:  # corrupt row: never sendable
                 self._on_dead(row, _Outcome("error", f"unreadable request: {exc}",
                                             transient=False), self._now(fixed_now))
+                decided = True
                 return
             try:
                 response = self.client.send(request, lane)
@@ -266,15 +396,11 @@ class Deliverer:
             else:
                 self._on_delivered(row, response, time.monotonic() - started,
                                    self._now(fixed_now))
-        except OutboxError as exc:
-            # The outcome could not be recorded; the lease expires and the row is sent
-            # again (at-least-once), so this is loud but not fatal.
-            log.error("delivery.record_failed id=%s call=%s kind=%s error=%s",
-                      row.id, row.call_key, row.kind, exc)
+            decided = True
         finally:
-            self._sending.pop(row.call_key, None)
-            self._free_lanes.append(lane)
-            self._wake.set()
+            if not decided and self._sending.get(row.call_key) is row:
+                # cut off (stop, kill) before an outcome: the lease covers the row
+                del self._sending[row.call_key]
 
     def _now(self, fixed_now: float | None) -> float:
         return self._clock() if fixed_now is None else fixed_now
@@ -298,7 +424,7 @@ class Deliverer:
 
     def _on_delivered(self, row: Row, response: Any, seconds: float, now: float) -> None:
         status = getattr(response, "status", None)
-        self.outbox.mark_delivered(row.id, status, now)
+        self._record(Mark.delivered(row.id, status, now), row)
         self.counts.delivered += 1
         self.counts.last_latency = seconds
         self._crm_answered()
@@ -321,15 +447,16 @@ class Deliverer:
             self._on_retry(row, outcome, now, delay)
 
     def _on_retry(self, row: Row, outcome: _Outcome, now: float, delay: float) -> None:
-        self.outbox.mark_retry(row.id, now + delay, outcome.error, outcome.status,
-                               rejected=not outcome.transient, now=now)
+        self._record(Mark.retry(row.id, now + delay, outcome.error, outcome.status,
+                                rejected=not outcome.transient, now=now), row)
         self.counts.retried += 1
         log.info("outbox.retry id=%s call=%s kind=%s attempt=%d delay=%.1fs reason=%s "
                  "status=%s error=%s", row.id, row.call_key, row.kind, row.attempts + 1,
                  delay, outcome.reason, outcome.status, outcome.error)
 
     def _on_dead(self, row: Row, outcome: _Outcome, now: float) -> None:
-        self.outbox.mark_dead(row.id, outcome.error, outcome.status, rejected=True, now=now)
+        self._record(Mark.dead(row.id, outcome.error, outcome.status, rejected=True, now=now),
+                     row)
         self.counts.dead += 1
         log.warning("outbox.dead id=%s call=%s kind=%s status=%s error=%s",
                     row.id, row.call_key, row.kind, outcome.status, outcome.error)
@@ -337,7 +464,8 @@ class Deliverer:
 
     def _on_expired(self, row: Row, now: float) -> None:
         happened = row.event_at if row.event_at is not None else row.created_at
-        self.outbox.mark_expired(row.id, now)
+        self._sending[row.call_key] = row  # ours until the mark commits
+        self._record(Mark.expired(row.id, now), row)
         self.counts.expired += 1
         log.info("outbox.expired id=%s call=%s kind=%s age=%.0fs ttl=%.0fs",
                  row.id, row.call_key, row.kind, now - happened, self.realtime_ttl)
@@ -382,8 +510,9 @@ class Deliverer:
 
         At start-up (not in burst mode, which may run beside the service) every
         in-flight row is given back: no send of ours can still be running. On stop:
-        claim nothing more, wait up to ``stop_timeout`` for requests in flight, then
-        cancel the rest and release their leases (they are sent again next time).
+        claim nothing more, wait up to ``stop_timeout`` for requests in flight, commit
+        every outcome known, then cancel the rest and release their leases (they are
+        sent again next time).
         """
         if not burst:
             released = self.outbox.release_leases()
@@ -396,14 +525,14 @@ class Deliverer:
                 try:
                     handled = self.run_once(wait=False)
                 except OutboxError as exc:
-                    log.error("delivery.outbox_error error=%s", exc)
+                    log.error("delivery.outbox_error error=%s (outcomes kept: %d)", exc,
+                              len(self._marks))
                     stop.wait(self.idle_poll)
                     continue
-                if handled:
-                    gevent.sleep(0)  # let the new lanes start before claiming again
-                    continue
-                if burst and not self._sending:
+                if burst and not handled and not self._sending:
                     break
+                # A lane freeing, a queued outcome or notify() sets _wake: the next step
+                # then commits and refills at once. Else sleep until something is due.
                 try:
                     timeout = self._idle_timeout(self._clock())
                 except OutboxError as exc:
@@ -411,31 +540,49 @@ class Deliverer:
                     timeout = self.idle_poll
                 gevent.wait([self._wake, stop], timeout=timeout, count=1)
         finally:
-            self._shutdown()
+            self._stopping = True
+            try:
+                self._shutdown()
+            finally:
+                self._stopping = False
         log.info("delivery.stopped delivered=%d retried=%d dead=%d expired=%d",
                  self.counts.delivered, self.counts.retried, self.counts.dead,
                  self.counts.expired)
 
     def _idle_timeout(self, now: float) -> float:
-        """How long to sleep when a step claimed nothing (a notify cuts it short)."""
+        """How long to sleep after a step (a lane freeing or notify cuts it short)."""
+        if self._marks:
+            return 0.0  # outcomes queued during the step: commit them now
         if self._down and now < self._probe_at:
             return max(0.0, min(self.idle_poll, self._probe_at - now))
         if not self._free_lanes or (self._down and self._sending):
             return self.idle_poll  # a finishing request wakes us
-        next_due = self.outbox.next_due_at()
+        # the step's claim told when the next head is due; else ask
+        next_due = self._next_due if self._next_due_known else self.outbox.next_due_at()
         if next_due is None or next_due <= now:
             # nothing due, or due but held back (its key is still being sent by us)
             return self.idle_poll
         return min(self.idle_poll, next_due - now)
 
     def _shutdown(self) -> None:
+        if self._ready:  # never sent: back to the outbox first (lanes take no more now)
+            self._release_ready()
+        cut: list[Row] = []
         if not self._pool.join(timeout=self.stop_timeout):
-            ids = [row.id for row in self._sending.values()]
-            log.warning("delivery.stop_timeout inflight=%d: cancelled, released for later",
-                        len(ids))
+            running = list(self._sending.values())
             self._pool.kill(timeout=5)
+            answered = {id(row) for _, row in self._marks}
+            cut = [row for row in running if id(row) not in answered]
+            log.warning("delivery.stop_timeout inflight=%d: cancelled, released for later",
+                        len(cut))
+        if self._marks:
+            try:
+                self._settle(self._clock(), 0)
+            except OutboxError as exc:  # the leases expire; those rows are sent again
+                log.error("delivery.record_failed count=%d error=%s", len(self._marks), exc)
+        if cut:
+            ids = [row.id for row in cut]
             try:
                 self.outbox.release_leases(ids)
             except OutboxError as exc:  # the leases expire by themselves
                 log.error("delivery.release_failed ids=%s error=%s", ids, exc)
-

@@ -358,3 +358,188 @@ def test_session_expiry_mid_stream_loses_nothing(
     deliverer.run(gevent.event.Event(), burst=True)
     assert arrived(crm) == [("call-1", kind) for kind in KINDS]
     assert crm.logins == 2 and deliverer.counts.retried == 0
+
+
+# -- batched outcomes, claiming ahead, lease reclaim ---------------------------------------
+
+
+class CountingOutbox:
+    """Wraps an outbox and records every outcome batch and lease reclaim it is asked for."""
+
+    def __init__(self, box: Any) -> None:
+        self.box = box
+        self.batches: list[list[Any]] = []  # the marks of each mark_and_claim call
+        self.reclaims: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.box, name)
+
+    def mark_and_claim(self, marks: Any, *args: Any, **kwargs: Any) -> Any:
+        marks = list(marks)
+        if marks:
+            self.batches.append(marks)
+        return self.box.mark_and_claim(marks, *args, **kwargs)
+
+    def reclaim_expired_leases(self, now: float) -> int:
+        self.reclaims.append(now)
+        return self.box.reclaim_expired_leases(now)
+
+
+def test_a_steps_outcomes_are_committed_together_and_each_call_keeps_its_order(
+        crm: FakeCrm, box: Outbox, make_client: Any) -> None:
+    """One write per step for all its outcomes (not one per row), and the marks being
+    batched never lets a call's next row go before its previous row's outcome is in."""
+    clock = Clock()
+    calls = [f"call-{n}" for n in range(4)]
+    box.enqueue([item(call, kind, event_at=T0) for kind in KINDS for call in calls], now=T0)
+    counting = CountingOutbox(box)
+    deliverer = Deliverer(counting, make_client(lanes=4), concurrency=4, clock=clock,
+                          realtime_ttl=10_000, rng=random.Random(0))
+    crm.latency = 0.02
+    for step in range(len(KINDS)):
+        assert deliverer.run_once() == 4
+        # the step's four outcomes went out in one batch, and are committed on return
+        assert [len(batch) for batch in counting.batches] == [4] * (step + 1)
+        assert box.stats().count("delivered") == 4 * (step + 1)
+        assert box.stats().count("inflight") == 0
+    assert deliverer.run_once() == 0
+    assert per_call(arrived(crm)) == {call: list(KINDS) for call in calls}
+    # a kind of every call arrived before any call's next kind (each wave is one kind)
+    assert [kind for _, kind in arrived(crm)] == [k for k in KINDS for _ in calls]
+    assert deliverer.counts.delivered == 16 and deliverer.in_flight == 0
+
+
+@pytest.mark.parametrize("backend", ["Outbox", "OutboxWriter"])
+def test_run_with_batched_outcomes_and_rows_claimed_ahead_keeps_every_calls_order(
+        crm: FakeCrm, tmp_path: Path, make_client: Any, backend: str) -> None:
+    path = str(tmp_path / "o.sqlite3")
+    box = Outbox(path) if backend == "Outbox" else OutboxWriter(path)
+    calls = [f"call-{n}" for n in range(12)]
+    box.enqueue([item(call, kind) for kind in KINDS for call in calls])
+    crm.latency = 0.01
+    counting = CountingOutbox(box)
+    deliverer = Deliverer(counting, make_client(lanes=4), concurrency=4, prefetch=4)
+    deliverer.run(gevent.event.Event(), burst=True)
+    assert per_call(arrived(crm)) == {call: list(KINDS) for call in calls}
+    assert sum(len(batch) for batch in counting.batches) == 48  # every outcome, once
+    stats = box.stats()
+    assert stats.count("delivered") == 48 and stats.count("inflight") == 0
+    assert deliverer.in_flight == 0
+    box.close()
+
+
+def test_a_crash_before_the_batched_outcomes_commit_resends_only_what_was_in_flight(
+        crm: FakeCrm, tmp_path: Path, make_client: Any) -> None:
+    """The process dies after the CRM answered some requests but before the step that
+    would have committed those outcomes: after a restart exactly those rows are sent
+    again (at-least-once), nothing committed is, and each call's order still holds."""
+    path = str(tmp_path / "o.sqlite3")
+    box = Outbox(path)
+    calls = [f"call-{n}" for n in range(3)]
+    box.enqueue([item(call, kind) for kind in KINDS for call in calls])
+    deliverer = Deliverer(box, make_client(lanes=4), concurrency=4, prefetch=0)
+    assert deliverer.run_once() == 3  # every ringing delivered and committed
+    assert deliverer.run_once(wait=False) == 3  # the answers are sent...
+    deliverer._pool.join(timeout=10)  # ...and answered; their outcomes are queued
+    assert deliverer.counts.delivered == 6 and len(deliverer._marks) == 3
+    box.close()  # the process dies here: the queued outcomes are never written
+
+    again = Outbox(path)
+    stats = again.stats()
+    assert stats.count("delivered") == 3 and stats.count("inflight") == 3
+    restarted = Deliverer(again, make_client(lanes=4), concurrency=4)
+    stop = gevent.event.Event()
+    runner = gevent.spawn(restarted.run, stop)  # releases the leases at start-up
+    try:
+        assert crm.wait_for(12 + 3, timeout=10)
+        for _ in range(100):
+            if again.stats().count("delivered") == 12:
+                break
+            gevent.sleep(0.02)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    got = per_call(arrived(crm))
+    # only the three answers that were in flight at the crash arrived twice
+    assert got == {call: ["ringing", "answer", "answer", "hangup", "summary"]
+                   for call in calls}
+    assert again.stats().count("delivered") == 12
+    again.close()
+
+
+def test_rows_claimed_ahead_are_given_back_at_stop_and_when_the_crm_goes_down(
+        crm: FakeCrm, box: Outbox, make_client: Any) -> None:
+    calls = [f"call-{n}" for n in range(4)]
+    box.enqueue([item(call, "summary") for call in calls])
+
+    def statuses() -> list[tuple[str, int]]:
+        return sorted((row.status.value, row.attempts) for row in box.list_rows())
+
+    # at stop: one request in flight finishes, the rows claimed ahead go back untouched
+    crm.latency = 0.3
+    deliverer = Deliverer(box, make_client(lanes=1), concurrency=1, prefetch=2)
+    stop = gevent.event.Event()
+    runner = gevent.spawn(deliverer.run, stop)
+    for _ in range(200):
+        if box.stats().count("inflight") == 3:
+            break
+        gevent.sleep(0.01)
+    assert box.stats().count("inflight") == 3  # one sending, two claimed ahead
+    stop.set()
+    runner.join(timeout=10)
+    assert statuses() == [("delivered", 0), ("pending", 0), ("pending", 0), ("pending", 0)]
+    assert len(arrived(crm)) == 1
+
+    # the CRM goes down: one failed request, then the rows claimed ahead go back and
+    # only one probe at a time is sent
+    crm.latency = 0.0
+    crm.set_down(True)
+    deliverer = Deliverer(box, make_client(lanes=1), concurrency=1, prefetch=2,
+                          backoff=BackoffPolicy(initial=60.0, maximum=60.0))
+    stop = gevent.event.Event()
+    runner = gevent.spawn(deliverer.run, stop)
+    try:
+        for _ in range(200):
+            if deliverer.crm_down and box.stats().count("inflight") == 0:
+                break
+            gevent.sleep(0.01)
+        assert deliverer.crm_down
+        assert statuses() == [("delivered", 0), ("pending", 0), ("pending", 0),
+                              ("pending", 1)]
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert deliverer.counts.retried == 1 and deliverer.in_flight == 0
+
+
+def test_expired_leases_are_reclaimed_every_few_seconds_not_on_every_step(
+        crm: FakeCrm, box: Outbox, make_client: Any) -> None:
+    """A crashed deliverer's rows come back within ``reclaim_interval`` (here 5 s) after
+    their lease ends, while the steps in between do not ask the outbox each time."""
+    clock = Clock()
+    box.enqueue([item("call-1", "ringing", event_at=T0), item("call-1", "summary"),
+                 item("call-2", "summary")], now=T0)
+    assert len(box.claim_due(T0, 10, lease_seconds=60)) == 2  # then that process died
+    counting = CountingOutbox(box)
+    deliverer = Deliverer(counting, make_client(lanes=2), concurrency=2, clock=clock,
+                          lease_seconds=60, realtime_ttl=10_000, rng=random.Random(0))
+    assert deliverer.reclaim_interval == 5.0
+    assert Deliverer(box, make_client(lanes=1), concurrency=1,
+                     lease_seconds=8).reclaim_interval == 2.0  # a quarter of a short lease
+    sent_at = None
+    for second in range(1, 80):
+        clock.now = T0 + second
+        deliverer.run_once()
+        if sent_at is None and arrived(crm):
+            sent_at = second
+    assert sent_at is not None and 60 < sent_at <= 65  # lease end + at most the interval
+    assert 14 <= len(counting.reclaims) <= 17  # about one per 5 s, not 79
+    assert all(b - a >= 5 for a, b in zip(counting.reclaims, counting.reclaims[1:],
+                                          strict=False))
+    assert per_call(arrived(crm)) == {"call-1": ["ringing", "summary"],
+                                      "call-2": ["summary"]}
+    # a clock that goes back (a pinned test clock, a corrected system clock) looks again
+    clock.now = T0
+    before = len(counting.reclaims)
+    deliverer.run_once()
+    assert len(counting.reclaims) == before + 1

@@ -17,7 +17,7 @@ from gevent.threadpool import ThreadPool
 
 from fs_cc360 import outbox as outbox_module
 from fs_cc360.errors import OutboxError
-from fs_cc360.outbox import Outbox, OutboxStatus, OutboxWriter, Row
+from fs_cc360.outbox import Mark, Outbox, OutboxStatus, OutboxWriter, Row
 from tests.fixtures import item, request
 
 T0 = 1_000_000.0  # a pinned clock: every call passes ``now``
@@ -126,6 +126,87 @@ class OutboxContract:
         box.mark_delivered(first, 200, now=T0)
         box.enqueue([item("a", "summary")], now=T0 + 1)
         assert keys(box.claim_due(T0 + 1, 10, 60)) == [("a", "summary")]
+
+    # -- batched outcomes ---------------------------------------------------------------
+
+    def test_mark_many_records_every_kind_of_outcome_in_one_call(self, box: Any) -> None:
+        calls = ["d", "r", "x", "e"]
+        box.enqueue([item(c, "ringing") for c in calls] + [item(c, "summary") for c in calls],
+                    now=T0)
+        heads = {row.call_key: row for row in box.claim_due(T0, 10, 60)}
+        assert sorted(heads) == sorted(calls)
+        box.mark_many([
+            Mark.delivered(heads["d"].id, 200, now=T0 + 1),
+            Mark.retry(heads["r"].id, T0 + 50, "HTTP 503", 503, now=T0 + 1),
+            Mark.dead(heads["x"].id, "HTTP 400", 400, rejected=True, now=T0 + 2),
+            Mark.expired(heads["e"].id),
+        ], now=T0 + 3)
+        delivered, retried, dead, expired = (box.get(heads[c].id) for c in calls)
+        assert delivered.status is OutboxStatus.delivered and delivered.delivered_at == T0 + 1
+        assert delivered.last_status == 200 and delivered.lease_until is None
+        assert retried.status is OutboxStatus.pending and retried.attempts == 1
+        assert retried.next_attempt_at == T0 + 50 and retried.rejections == 0
+        assert dead.status is OutboxStatus.dead and dead.attempts == 1 and dead.rejections == 1
+        assert expired.status is OutboxStatus.expired and expired.updated_at == T0 + 3
+        stats = box.stats()
+        assert stats.last_error == "HTTP 400" and stats.last_error_at == T0 + 2
+        # the three final rows unblocked their calls; the retried head still blocks its own
+        assert keys(box.claim_due(T0 + 10, 10, 60)) == [("d", "summary"), ("x", "summary"),
+                                                        ("e", "summary")]
+        box.mark_many([])  # nothing to do, no error
+
+    def test_mark_and_claim_claims_the_next_row_of_a_marked_call_at_once(
+            self, box: Any) -> None:
+        box.enqueue([item("a", "ringing"), item("a", "answer"), item("a", "summary"),
+                     item("b", "ringing")], now=T0)
+        first = box.claim_due(T0, 10, 60)
+        assert keys(first) == [("a", "ringing"), ("b", "ringing")]
+        claimed = box.mark_and_claim([Mark.delivered(first[0].id, 200, now=T0 + 1)],
+                                     T0 + 1, 10, 60)
+        assert keys(claimed.rows) == [("a", "answer")]  # b's head is still in flight
+        (answer,) = claimed.rows
+        assert answer.status is OutboxStatus.inflight and answer.lease_until == T0 + 61
+        assert box.get(answer.id).status is OutboxStatus.inflight
+        assert claimed.next_due_at is None  # every open call's head is in flight
+        # a retry keeps its call blocked until it is due; the claim reports when that is
+        claimed = box.mark_and_claim([Mark.retry(answer.id, T0 + 30, "timeout", now=T0 + 2)],
+                                     T0 + 2, 10, 60)
+        assert claimed.rows == [] and claimed.next_due_at == T0 + 30
+        # excluded keys yield nothing, even when the batch unblocks them
+        box.mark_delivered(first[1].id, 200, now=T0 + 3)
+        box.enqueue([item("b", "summary")], now=T0 + 3)
+        claimed = box.mark_and_claim([], T0 + 30, 10, 60, exclude_keys=["b"])
+        assert keys(claimed.rows) == [("a", "answer")]
+        # limit 0: only the marks are written
+        claimed = box.mark_and_claim([Mark.delivered(claimed.rows[0].id, 200, now=T0 + 31)],
+                                     T0 + 31, 0, 60)
+        assert claimed.rows == []
+        assert keys(box.claim_due(T0 + 31, 10, 60)) == [("a", "summary"), ("b", "summary")]
+
+    def test_a_batch_of_marks_keeps_each_calls_order(self, box: Any) -> None:
+        kinds = ["ringing", "answer", "hangup", "summary"]
+        calls = [f"c{n}" for n in range(5)]
+        box.enqueue([item(c, k) for k in kinds for c in calls], now=T0)
+        seen: dict[str, list[str]] = {c: [] for c in calls}
+        claimed = box.claim_due(T0, 100, 60)
+        for step in range(1, 10):
+            assert len({row.call_key for row in claimed}) == len(claimed)  # one head each
+            for row in claimed:
+                seen[row.call_key].append(row.kind)
+            marks = [Mark.delivered(row.id, 200, now=T0 + step) for row in claimed]
+            claimed = box.mark_and_claim(marks, T0 + step, 100, 60).rows
+            if not claimed:
+                break
+        assert seen == {c: kinds for c in calls}
+        assert box.stats().count("delivered") == 20
+
+    def test_a_retry_mark_needs_its_due_time(self, box: Any) -> None:
+        (row_id,) = box.enqueue([item("a", "ringing")], now=T0)
+        with pytest.raises(ValueError, match="next_attempt_at"):
+            box.mark_many([Mark(row_id, OutboxStatus.pending, T0)])
+        with pytest.raises(ValueError, match="inflight"):
+            box.mark_many([Mark(row_id, OutboxStatus.inflight, T0)])
+        assert box.get(row_id).status is OutboxStatus.pending  # rolled back, unchanged
 
     # -- leases -------------------------------------------------------------------------
 
@@ -321,6 +402,70 @@ def test_synchronous_is_configurable(tmp_path: Path) -> None:
     box.close()
     with pytest.raises(OutboxError, match="synchronous"):
         Outbox(str(tmp_path / "o.sqlite3"), synchronous="sometimes")
+
+
+def test_outcomes_commit_at_normal_and_claims_and_enqueues_at_full(tmp_path: Path) -> None:
+    """The durability rule (module docstring): only transactions that record outcomes
+    are relaxed to synchronous=NORMAL; enqueues and every claim commit at FULL, so their
+    fsync hardens the outcomes before a claimed row can be sent."""
+    box = Outbox(str(tmp_path / "o.sqlite3"))
+    assert box.mark_synchronous == "NORMAL"
+    level = ["FULL"]
+    seen: list[tuple[str, str]] = []
+
+    def trace(sql: str) -> None:
+        text = " ".join(sql.split())
+        if text.upper().startswith("PRAGMA SYNCHRONOUS ="):
+            level[0] = text.split("=")[1].strip().upper()
+        elif text.startswith("INSERT INTO outbox "):
+            seen.append(("enqueue", level[0]))
+        elif "SET status = 'inflight'" in text:
+            seen.append(("claim", level[0]))
+        elif text.startswith("UPDATE outbox SET status = 'delivered'"):
+            seen.append(("mark", level[0]))
+
+    box._db.connection().set_trace_callback(trace)
+    box.enqueue([item("a", "ringing"), item("a", "summary")], now=T0)
+    (ringing,) = box.claim_due(T0, 10, 60)
+    claimed = box.mark_and_claim([Mark.delivered(ringing.id, 200, now=T0)], T0, 10, 60)
+    box.mark_delivered(claimed.rows[0].id, 200, now=T0)
+    box._db.connection().set_trace_callback(None)
+    assert seen == [("enqueue", "FULL"), ("enqueue", "FULL"),
+                    ("claim", "FULL"), ("mark", "NORMAL"), ("claim", "FULL"), ("mark", "NORMAL")]
+    assert box.pragma("synchronous") == 2  # FULL again after every relaxed commit
+    box.close()
+    # the configured level is never raised, and NORMAL is only used in WAL mode
+    normal = Outbox(str(tmp_path / "n.sqlite3"), synchronous="OFF")
+    assert normal.mark_synchronous == "OFF"
+    normal.close()
+    memory = Outbox(":memory:")
+    assert memory.mark_synchronous == "FULL"
+    memory.close()
+
+
+def test_a_claim_failing_after_the_marks_committed_does_not_ask_for_them_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = Outbox(str(tmp_path / "o.sqlite3"))
+    box.enqueue([item("a", "ringing"), item("a", "summary"), item("b", "ringing")], now=T0)
+    a, b = box.claim_due(T0, 10, 60)
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(box, "_next_due", broken)  # fails inside the claim transaction
+    with caplog.at_level("WARNING", logger="fs_cc360.outbox"):
+        claimed = box.mark_and_claim([Mark.delivered(a.id, 200, now=T0)], T0, 10, 60)
+    assert claimed.rows == [] and claimed.next_due_at is None
+    assert any("outbox.claim_failed" in r.getMessage() for r in caplog.records)
+    assert box.get(a.id).status is OutboxStatus.delivered  # the marks are in...
+    assert box.stats().count("inflight") == 1  # ...the claim was rolled back
+    with pytest.raises(OutboxError, match="I/O error"):  # without marks: the error
+        box.mark_and_claim([], T0, 10, 60)
+    monkeypatch.undo()
+    assert keys(box.claim_due(T0, 10, 60)) == [("a", "summary")]
+    box.mark_delivered(b.id, 200, now=T0)
+    box.close()
 
 
 def test_sqlite_url(tmp_path: Path) -> None:
