@@ -405,7 +405,7 @@ class DeliverySettings:
     #: Ringing/answer/hangup older than this when their turn comes are expired, not sent.
     realtime_ttl: float = _key(120.0, _seconds())
     backoff_initial: float = _key(1.0, _seconds())
-    backoff_max: float = _key(300.0, _seconds())
+    backoff_max: float = _key(60.0, _seconds())
     #: Tries before a request the CRM rejects (non-retryable 4xx) is marked dead.
     max_rejections: int = _key(3, _int_range(1, 1000))
     #: How long a claimed row stays in flight before another worker may reclaim it.

@@ -218,6 +218,9 @@ class Deliverer:
         self._wake = gevent.event.Event()
         self._down = False  # the circuit: True after a transient failure, until a success
         self._failures = 0  # consecutive transient failures (drives the global backoff)
+        #: Bumped whenever the circuit changes; a failure escalates the global backoff only
+        #: if no failure was counted since its request started (one failed wave = one).
+        self._epoch = 0
         self._probe_at = 0.0  # while down: no request before this time
         timeout = getattr(client, "timeout", None)
         if isinstance(timeout, tuple) and timeout and lease_seconds < 3 * sum(timeout):
@@ -376,6 +379,7 @@ class Deliverer:
         next step, in the same outbox call that claims more rows.
         """
         started = time.monotonic()
+        epoch = self._epoch
         decided = False
         try:
             try:
@@ -392,7 +396,7 @@ class Deliverer:
                 seconds = time.monotonic() - started
                 self._notify_observer("failed", row.kind, outcome.reason, outcome.status,
                                       seconds)
-                self._on_failure(row, outcome, self._now(fixed_now))
+                self._on_failure(row, outcome, self._now(fixed_now), epoch)
             else:
                 self._on_delivered(row, response, time.monotonic() - started,
                                    self._now(fixed_now))
@@ -432,9 +436,9 @@ class Deliverer:
                   row.id, row.call_key, row.kind, status, seconds)
         self._notify_observer("delivered", row.kind, status, seconds)
 
-    def _on_failure(self, row: Row, outcome: _Outcome, now: float) -> None:
+    def _on_failure(self, row: Row, outcome: _Outcome, now: float, epoch: int = -1) -> None:
         if outcome.transient:
-            self._trip(outcome, now)
+            self._trip(outcome, now, epoch)
             delay = self.backoff.delay(row.attempts, self._rng, outcome.retry_after)
             self._on_retry(row, outcome, now, delay)
             return
@@ -473,11 +477,19 @@ class Deliverer:
 
     # -- the circuit ------------------------------------------------------------------
 
-    def _trip(self, outcome: _Outcome, now: float) -> None:
+    def _trip(self, outcome: _Outcome, now: float, epoch: int = -1) -> None:
         """A transient failure: open the circuit (or keep it open) and push the next
-        probe out by the global backoff."""
+        probe out by the global backoff.
+
+        Requests already in flight when the circuit opened fail together: they are one
+        failure of the CRM, not one each (``epoch`` is the circuit's epoch when the
+        request started), so a one-second blip under full load costs one backoff step.
+        """
+        if self._down and epoch != self._epoch:
+            return  # started before the failure that opened (or re-armed) the circuit
         delay = self.backoff.delay(self._failures, self._rng, outcome.retry_after)
         self._failures += 1
+        self._epoch += 1
         self._probe_at = max(self._probe_at, now + delay)
         if not self._down:
             self._down = True
@@ -488,6 +500,7 @@ class Deliverer:
         if self._down:
             log.warning("crm.up after=%d failures: draining the backlog", self._failures)
         self._down = False
+        self._epoch += 1
         self._failures = 0
         self._probe_at = 0.0
 

@@ -1028,6 +1028,14 @@ def _paginate(
         before = page[-1].id
 
 
+def _capture(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> tuple[bool, Any]:
+    try:
+        return True, fn(*args, **kwargs)
+    except Exception as exc:
+        return False, exc
+
+
 class OutboxWriter:
     """An :class:`Outbox` behind ONE native thread, for the gevent service.
 
@@ -1075,7 +1083,20 @@ class OutboxWriter:
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._closed:
             raise OutboxError(f"outbox {self.path} is closed")
-        return self._pool.apply(fn, args, kwargs)
+        return self._apply(fn, args, kwargs)
+
+    def _apply(self, fn: Callable[..., T], args: tuple[Any, ...] = (),
+               kwargs: dict[str, Any] | None = None) -> T:
+        """Run ``fn`` in the writer thread; its exception is re-raised here.
+
+        The exception travels back as a value: raised inside the pool it would also be
+        printed with a traceback by gevent's thread pool, one per failed write while the
+        disk is full, on top of the one structured log line the caller writes.
+        """
+        ok, value = self._pool.apply(_capture, (fn, args, kwargs or {}))
+        if not ok:
+            raise value
+        return value
 
     # -- group commit -----------------------------------------------------------------
 
@@ -1096,7 +1117,7 @@ class OutboxWriter:
                 batch = self._queue[: self.max_batch]
                 del self._queue[: len(batch)]
                 try:
-                    ids = self._pool.apply(self._outbox.enqueue, ([item for item, _ in batch],))
+                    ids = self._apply(self._outbox.enqueue, ([item for item, _ in batch],))
                 except Exception as exc:  # every waiter sees the failure
                     log.error("outbox.enqueue_failed count=%d error=%s", len(batch), exc)
                     for _, result in batch:

@@ -155,7 +155,7 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
 @pytest.mark.slow
 def test_crm_down_under_steady_load_loses_nothing_keeps_order_and_only_probes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A CRM outage of 4 s under 4 calls/s (a 10-minute outage with a 300 s backoff cap,
+    """A CRM outage of 4 s under 4 calls/s (a 10-minute outage with a 60 s backoff cap,
     compressed: the backoff is capped at 0.5 s here): every CC360 event arrives once, in
     order per call, the backlog drains, and while the CRM is down the connector sends one
     probe at a time at a bounded rate instead of retrying every row."""
@@ -198,7 +198,7 @@ def test_crm_down_under_steady_load_loses_nothing_keeps_order_and_only_probes(
 
 
 def test_crm_down_ten_minutes_with_production_backoff_pinned_clock(tmp_path: Path) -> None:
-    """Ten simulated minutes of a refused CRM with the production backoff (1 s .. 300 s):
+    """Ten simulated minutes of a refused CRM with the production backoff (1 s .. 60 s):
     about a dozen probes in all, one at a time; when it answers, every summary is
     delivered in per-call order, and the popups, ten minutes late, expire (by design)
     instead of popping up."""
@@ -221,7 +221,7 @@ def test_crm_down_ten_minutes_with_production_backoff_pinned_clock(tmp_path: Pat
                          password=settings.crm.password, timeout=2, lanes=8)
     counting = CountingClient(client)
     deliverer = Deliverer(outbox, counting, concurrency=8, realtime_ttl=120,
-                          backoff=BackoffPolicy(initial=1.0, maximum=300.0),
+                          backoff=BackoffPolicy(initial=1.0, maximum=60.0),
                           clock=lambda: clock[0], rng=random.Random(5))
     crm.set_down(True)
     try:
@@ -244,7 +244,9 @@ def test_crm_down_ten_minutes_with_production_backoff_pinned_clock(tmp_path: Pat
         crm.stop()
     print(f"\nFAULT crm-outage-10min: 600 simulated seconds down: {attempts_down} attempts; "
           f"drained {clock[0] - t0 - 600:.0f} simulated seconds after the CRM came back")
-    assert 1 <= attempts_down <= 30
+    assert 1 <= attempts_down <= 40
+    # the probe schedule is capped at 60 s: delivery resumes within about a minute
+    assert clock[0] - t0 - 600 <= 70
     # the first step sends on every lane (nothing says the CRM is down yet); then the
     # circuit is open: one probe at a time
     assert claimed_while_down[0] == 8
@@ -263,10 +265,6 @@ def test_crm_down_ten_minutes_with_production_backoff_pinned_clock(tmp_path: Pat
         assert len(kinds) == len(set(kinds))
 
 
-@pytest.mark.xfail(reason="product bug (reported): delivery.Deliverer._trip counts every "
-                   "request that was already in flight when the CRM failed as one more "
-                   "consecutive failure, so one failed wave of 8 lanes starts the global "
-                   "backoff at step 8 (windows up to 128 s) instead of step 1", strict=False)
 def test_one_failed_wave_starts_the_probe_backoff_at_its_first_step(tmp_path: Path) -> None:
     """A CRM blip that fails the 8 requests in flight at once (one 503 each) is one
     failure of the CRM, not eight: the first probe must come within the first backoff
