@@ -547,3 +547,23 @@ def test_tls_with_ca_bundle_path(tls_files: tuple[str, str], make_client: MakeCl
 def test_missing_ca_bundle_is_config_error(crm: FakeCrm, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         Cc360Client(crm.url, TOKEN, login="admin", verify=str(tmp_path / "nope.pem"))
+
+
+def test_environment_proxies_and_ca_bundle_are_read_once_per_session(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """requests would re-read the environment on every request; the client reads it when
+    it makes a lane's session, so proxied deployments keep working."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not used: no request is sent\n")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = Cc360Client("https://crm.example.com", "tok", auth="anonymous")
+    session = client._new_session()
+    assert session.trust_env is False
+    assert session.proxies.get("https") == "http://127.0.0.1:9"
+    assert client.verify == str(bundle)
+    monkeypatch.setenv("NO_PROXY", "crm.example.com")
+    assert "https" not in client._new_session().proxies
+    client.close()
