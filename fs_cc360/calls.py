@@ -87,7 +87,8 @@ REALTIME_KINDS = ("ringing", "answer", "hangup")
 #: by FreeSWITCH itself or by the shipped dialplan / click-to-call originate).
 VARIABLES_READ = (
     "dialed_user", "user_name", "originator", "originated_legs", "billsec",
-    "answer_epoch", "bridge_epoch", "end_epoch", "is_loopback",
+    "answer_epoch", "bridge_epoch", "progress_epoch", "progress_media_epoch",
+    "last_bridge_to", "bridge_uuid",
     "cc360_extension", "cc360_trunk", "cc360_direction", "cc360_client",
 )
 
@@ -142,8 +143,6 @@ class _Leg:
     uuid: str
     seen_at: float
     direction: str = ""
-    channel: str = ""
-    context: str = ""
     extension: str | None = None
     originator: str | None = None
     caller_number: str = ""
@@ -279,8 +278,6 @@ class CallTracker:
         leg.profiled = True
         leg.first_event = leg.first_event or event.name
         leg.direction = get("Call-Direction") or leg.direction
-        leg.channel = get("Channel-Name") or leg.channel
-        leg.context = get("Caller-Context") or leg.context
         leg.orig_caller_number = (
             get("Caller-Orig-Caller-ID-Number") or get("Caller-ANI") or leg.orig_caller_number
         )
@@ -621,9 +618,7 @@ class CallTracker:
             duration = self._talk_seconds(leg)
         else:
             duration = self._client_seconds(part)
-        files = self._files(part) if duration or leg.answered_at else ()
-        if not leg.answered_at:
-            files = ()
+        files = self._files(part) if leg.answered_at else ()  # nobody talked: nothing to hear
         out.append(CrmEvent(
             "summary", leg.uuid, part.user, part.callerid, leg.ended_at or leg.seen_at,
             direction=direction, duration=duration, files=files,

@@ -334,9 +334,6 @@ class Service:
         self.client.close()
         log.info("service.stopped")
 
-    def wait(self) -> None:
-        self._stop.wait()
-
 
 def run(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then stop gracefully (``fs-cc360 run``)."""
