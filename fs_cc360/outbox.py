@@ -1048,9 +1048,13 @@ class OutboxWriter:
 
     :meth:`enqueue_nowait` adds group commit: items queued while a commit is running go
     into the next transaction together, so under load one fsync covers many events
-    instead of one each. Outcomes are grouped by the caller instead: the Deliverer sends
-    every outcome gathered since its last call in one :meth:`mark_and_claim`, which also
-    refills its lanes (one round trip to this thread per refill, not two per row).
+    instead of one each; a failed batch fails its waiters. The service does not use it:
+    its events have no waiter to hand a failure to, so ``service.Service`` keeps its own
+    ordered spool and retries :meth:`enqueue` of the whole backlog until the disk is back
+    (same batching, nothing dropped). Outcomes are grouped by the caller instead: the
+    Deliverer sends every outcome gathered since its last call in one
+    :meth:`mark_and_claim`, which also refills its lanes (one round trip to this thread
+    per refill, not two per row).
     """
 
     def __init__(
