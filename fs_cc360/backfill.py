@@ -158,6 +158,7 @@ class CdrLeg:
     headers: str  #: the event header block without Event-Name / Event-Date-Timestamp
     recordings: tuple[tuple[int, str], ...] = ()  #: (start µs, path) of record_session runs
     bridged_to: str | None = None  #: the leg it was last bridged to (``bridge_uuid``)
+    bridged_us: int | None = None  #: when that bridge began (``bridge_uepoch``)
     originator: str | None = None  #: the leg that originated it (``originator``)
     #: What a CHANNEL_BRIDGE on its partner says about it (``Other-Leg-*`` headers).
     other_leg: tuple[tuple[str, str], ...] = ()
@@ -285,10 +286,12 @@ def parse_cdr(data: Any, *, source: str = "") -> CdrLeg:
             ("Destination-Number", _text(profile.get("destination_number")) or ""),
         ) if value)
     bridged_to = var("bridge_uuid") or var("last_bridge_to")
+    bridged_us = _int_us(var("bridge_uepoch"))
     originator = var("originator")
     return CdrLeg(uuid=uuid, end_us=end_us, headers=head,
                   recordings=tuple(_recordings(data, end_us)),
                   bridged_to=bridged_to if bridged_to and bridged_to != uuid else None,
+                  bridged_us=bridged_us if bridged_us and bridged_us <= end_us else None,
                   originator=originator if originator and originator != uuid else None,
                   other_leg=other_leg)
 
@@ -358,8 +361,9 @@ def hangup_event(leg: CdrLeg) -> ChannelEvent:
     return leg.event("CHANNEL_HANGUP_COMPLETE", leg.end_us)
 
 
-#: An event of the rebuilt timeline, before it is built: (time µs, rank, name, extra).
-_Spec = tuple[int, int, str, str]
+#: An event of the rebuilt timeline, before it is built: (place µs, rank, name, extra,
+#: time µs): where it goes in the timeline, and the time it says it happened.
+_Spec = tuple[int, int, str, str, int]
 
 
 def _leg_specs(leg: CdrLeg, partner: CdrLeg | None = None) -> list[_Spec]:
@@ -367,15 +371,15 @@ def _leg_specs(leg: CdrLeg, partner: CdrLeg | None = None) -> list[_Spec]:
     out: list[_Spec] = []
     for start_us, path in leg.recordings:
         extra = f"Record-File-Path: {_header_value(path)}\n"
-        out.append((start_us, 0, "RECORD_START", extra))
-        out.append((leg.end_us, 2, "RECORD_STOP", extra))
+        out.append((start_us, 0, "RECORD_START", extra, start_us))
+        out.append((leg.end_us, 2, "RECORD_STOP", extra, leg.end_us))
     if leg.bridged_to:
         other = [("Other-Leg-Unique-ID", leg.bridged_to)]
         if partner is not None:
             other += partner.other_leg
         extra = "".join(f"{k}: {_header_value(v)}\n" for k, v in other)
-        out.append((leg.end_us, 1, "CHANNEL_BRIDGE", extra))
-    out.append((leg.end_us, 3, "CHANNEL_HANGUP_COMPLETE", ""))
+        out.append((leg.end_us, 1, "CHANNEL_BRIDGE", extra, leg.bridged_us or leg.end_us))
+    out.append((leg.end_us, 3, "CHANNEL_HANGUP_COMPLETE", "", leg.end_us))
     return out
 
 
@@ -390,8 +394,8 @@ def leg_events(leg: CdrLeg, partner: CdrLeg | None = None
     tracker apply the transfer rule as it did live. ``rank`` orders events of the same
     microsecond: bridge, then RECORD_STOP, then the hangup (FreeSWITCH's own order).
     """
-    return [(at_us, rank, leg.event(name, at_us, extra))
-            for at_us, rank, name, extra in _leg_specs(leg, partner)]
+    return [(at_us, rank, leg.event(name, stamp_us, extra))
+            for at_us, rank, name, extra, stamp_us in _leg_specs(leg, partner)]
 
 
 def summaries_from_legs(
@@ -411,20 +415,20 @@ def summaries_from_legs(
     one moment, not the whole directory. A file that cannot be read again then (deleted,
     rewritten) goes to ``on_error`` and its remaining events are skipped.
     """
-    ordered = sorted(legs, key=lambda leg: (leg.end_us, leg.uuid))
+    ordered = sorted(legs, key=lambda leg: leg.end_us)  # stable: ties keep the given order
     by_uuid = {leg.uuid: leg for leg in ordered}
-    timeline: list[tuple[int, int, int, str, str]] = []
+    timeline: list[tuple[int, int, int, str, str, int]] = []
     for n, leg in enumerate(ordered):
         partner = by_uuid.get(leg.bridged_to) if leg.bridged_to else None
-        for at_us, rank, name, extra in _leg_specs(leg, partner):
-            timeline.append((at_us, rank, n, name, extra))
+        for at_us, rank, name, extra, stamp_us in _leg_specs(leg, partner):
+            timeline.append((at_us, rank, n, name, extra, stamp_us))
     timeline.sort(key=lambda item: item[:3])
     tracker = CallTracker(config)
     out: list[CrmEvent] = []
     loaded: dict[int, CdrLeg] = {}
     failed: set[int] = set()
     last = 0.0
-    for at_us, _rank, n, name, extra in timeline:
+    for at_us, _rank, n, name, extra, stamp_us in timeline:
         if n in failed:
             continue
         leg = loaded.get(n) or ordered[n]
@@ -441,7 +445,7 @@ def summaries_from_legs(
             loaded.pop(n, None)  # the leg's last event
         at = at_us / 1_000_000
         out += tracker.tick(at)
-        out += tracker.feed(leg.event(name, at_us, extra), now=at)
+        out += tracker.feed(leg.event(name, stamp_us, extra), now=at)
         last = max(last, at)
     out += tracker.flush()
     out += tracker.tick(last + _FAR_FUTURE)

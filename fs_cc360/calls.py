@@ -89,6 +89,8 @@ VARIABLES_READ = (
     "dialed_user", "user_name", "originator", "originated_legs", "billsec",
     "answer_epoch", "bridge_epoch", "progress_epoch", "progress_media_epoch",
     "last_bridge_to", "bridge_uuid",
+    "cc_member_session_uuid", "loopback_leg", "other_loopback_leg_uuid",
+    "other_loopback_from_uuid", "loopback_from_uuid", "hangup_cause",
     "cc360_extension", "cc360_trunk", "cc360_direction", "cc360_client",
 )
 
@@ -141,7 +143,8 @@ class _Recording:
 @dataclass
 class _Leg:
     uuid: str
-    seen_at: float
+    seen_at: float  #: FreeSWITCH time of its latest event
+    touched_at: float = 0.0  #: connector time of its latest event (forgetting)
     direction: str = ""
     extension: str | None = None
     originator: str | None = None
@@ -150,11 +153,16 @@ class _Leg:
     destination: str = ""
     cc360_direction: str = ""
     cc360_client: str = ""
+    #: ``a`` / ``b`` for a half of a mod_loopback pair, ``""`` for any other leg.
+    loopback: str = ""
+    loopback_peer: str | None = None  #: the other half (``other_loopback_leg_uuid``)
+    loopback_from: str | None = None  #: the leg the ``-a`` half was placed from
     progress_at: float | None = None
     answered_at: float | None = None
     bridged_at: float | None = None
     ended_at: float | None = None
     complete: bool = False
+    hangup_cause: str = ""
     billsec: int | None = None
     partners: list[str] = field(default_factory=list)
     originated: list[tuple[str, str]] = field(default_factory=list)  # (uuid, extension)
@@ -182,10 +190,15 @@ class _Part:
     callerid: str
     group: str | None  # the caller's leg, for the missed-call decision
     order: int
+    #: Classified while the leg it hangs on was still unknown (a restart, a backfill):
+    #: classified again when that leg is heard of, or taken as it is after a while.
+    waits_for: str | None = None
     rang_at: float | None = None
     ringing_sent: bool = False
     answer_sent: bool = False
     hangup_sent: bool = False
+    taken_at: float | None = None  #: when it took the call over (pickup)
+    taken_from: str | None = None  #: the leg it was bridged to then
     summary_due_at: float | None = None  # deadline once the agent leg completed
     done: bool = False
 
@@ -198,8 +211,9 @@ class CallTracker:
     """Feeds on channel events, returns the CC360 events they imply.
 
     ``feed(event, now)`` and ``tick(now)`` are the whole interface; ``now`` (epoch
-    seconds) only drives the bounded waits and forgetting, so tests pin it. The tracker
-    keeps state for calls in progress and forgets each call shortly after its end.
+    seconds, the connector's clock) only drives the bounded waits and forgetting, so
+    tests pin it, and FreeSWITCH's clock may differ from it. The tracker keeps state for
+    calls in progress and forgets each call shortly after its end.
     """
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
@@ -209,8 +223,14 @@ class CallTracker:
         self._parts: dict[str, _Part] = {}
         self._groups: dict[str, list[_Part]] = {}  # caller leg -> its incoming parts
         self._groups_done: set[str] = set()
+        #: caller legs over whose missed-call decision waits for related legs (deadline)
+        self._groups_due: dict[str, float] = {}
         self._due: dict[str, _Part] = {}  # summaries waiting for related legs
         self._dependents: dict[str, dict[str, None]] = {}  # leg -> parts waiting on it
+        #: leg not heard of yet -> agent legs classified without it
+        self._unclassified: dict[str, dict[str, None]] = {}
+        #: leg not heard of yet -> (agent leg, time) bridged to it, to judge once it is
+        self._joins: dict[str, list[tuple[str, float]]] = {}
         self._order = 0
 
     # -- public interface ---------------------------------------------------------
@@ -226,22 +246,32 @@ class CallTracker:
         if handler is None:
             return []
         out: list[CrmEvent] = []
-        leg = self._update_leg(event, at)
+        leg = self._update_leg(event, at, now, out)
         handler(self, leg, event, at, now, out)
         return out
 
     def tick(self, now: float) -> list[CrmEvent]:
-        """Release summaries whose wait is over; forget finished and stale calls."""
+        """Release summaries and decisions whose wait is over; forget finished calls."""
         out: list[CrmEvent] = []
+        for part in [p for p in self._parts.values() if p.waits_for and p.leg.complete]:
+            if part.summary_due_at is not None and now >= part.summary_due_at:
+                self._settle_unclassified(part, now, out)
         for part in list(self._due.values()):
             if part.summary_due_at is not None and now >= part.summary_due_at:
                 self._emit_summary(part, out)
+        for group, due in list(self._groups_due.items()):
+            if now >= due:
+                self._decide_missed(group, now, out, force=True)
         self._forget(now, out)
         return out
 
     def flush(self) -> list[CrmEvent]:
         """Emit every summary still waiting (used at shutdown: better early than lost)."""
         out: list[CrmEvent] = []
+        for part in [p for p in self._parts.values() if p.waits_for and p.leg.complete]:
+            self._settle_unclassified(part, 0.0, out)
+        for group in list(self._groups_due):
+            self._decide_missed(group, 0.0, out, force=True)
         for part in list(self._due.values()):
             self._emit_summary(part, out)
         return out
@@ -257,18 +287,23 @@ class CallTracker:
 
     # -- legs ---------------------------------------------------------------------
 
-    def _update_leg(self, event: ChannelEvent, at: float) -> _Leg:
+    def _update_leg(self, event: ChannelEvent, at: float, now: float,
+                    out: list[CrmEvent]) -> _Leg:
         uuid = event.uuid
         leg = self._legs.get(uuid)
         if leg is None:
             leg = self._legs[uuid] = _Leg(uuid=uuid, seen_at=at, first_event=event.name)
         leg.seen_at = at
+        leg.touched_at = now
         get = event.get
-        if not leg.profiled:
+        first = not leg.profiled
+        if first:
             self._profile(leg, event)
         # What changes during a call: transfers rewrite the caller ID and destination.
         leg.caller_number = get("Caller-Caller-ID-Number") or leg.caller_number
         leg.destination = get("Caller-Destination-Number") or leg.destination
+        if first and (uuid in self._unclassified or uuid in self._joins):
+            self._heard_of(leg, at, now, out)
         return leg
 
     def _profile(self, leg: _Leg, event: ChannelEvent) -> None:
@@ -281,11 +316,24 @@ class CallTracker:
         leg.orig_caller_number = (
             get("Caller-Orig-Caller-ID-Number") or get("Caller-ANI") or leg.orig_caller_number
         )
+        # Who placed this leg: ``originator`` (bridge, originate), else the Other-Leg of
+        # an ``originator`` profile, else mod_callcenter's member session: the queue
+        # places agent legs itself and links them to the caller's leg only by
+        # ``cc_member_session_uuid`` (q1).
         originator = event.var("originator")
         if not originator and get("Other-Type") == "originator":
             originator = get("Other-Leg-Unique-ID")
+        if not originator:
+            originator = event.var("cc_member_session_uuid")
         if originator and originator != leg.uuid:
             leg.originator = originator
+        channel = get("Channel-Name") or ""
+        if channel.startswith("loopback/"):
+            side = (event.var("loopback_leg") or channel.rpartition("-")[2]).lower()
+            leg.loopback = side if side in ("a", "b") else "a"
+            leg.loopback_peer = event.var("other_loopback_leg_uuid") or None
+            leg.loopback_from = (event.var("other_loopback_from_uuid")
+                                 or event.var("loopback_from_uuid") or None)
         leg.cc360_direction = event.var("cc360_direction") or ""
         leg.cc360_client = event.var("cc360_client") or ""
         leg.extension = self._extension_of(event)
@@ -327,6 +375,79 @@ class CallTracker:
     def _is_extension_number(self, number: str) -> bool:
         return bool(number) and self._as_extension(number) is not None
 
+    # -- how legs link -------------------------------------------------------------
+
+    def _across_loopback(self, leg: _Leg) -> str | None:
+        """The leg on the far side of loopback half ``leg``, looking towards the caller:
+        a ``-b`` half leads through its ``-a`` half to the leg that placed it (r1)."""
+        if leg.loopback == "b":
+            pair = self._legs.get(leg.loopback_peer) if leg.loopback_peer else None
+            if pair is not None and pair.originator:
+                return pair.originator
+            return leg.loopback_from
+        return leg.originator
+
+    def _origin(self, leg: _Leg) -> tuple[str | None, str | None]:
+        """``(origin, unknown)``: the leg that placed ``leg``, followed through loopback
+        pairs (a FusionPBX ring group or a queue's ``loopback/`` contact puts a pair
+        between the caller and the phone), and the first leg on that path not heard of
+        yet (then the origin is only a best guess), or None."""
+        uuid = leg.originator
+        seen = {leg.uuid}
+        while uuid and uuid not in seen:
+            seen.add(uuid)
+            up = self._legs.get(uuid)
+            if up is None or not up.profiled:
+                return uuid, uuid
+            if not up.loopback:
+                return uuid, None
+            uuid = self._across_loopback(up)
+        return uuid, None
+
+    def _far_end(self, peer: _Leg, own: _Leg) -> _Leg:
+        """``peer`` itself, or for a loopback half the leg beyond the pair (when that is
+        not ``own``'s side of the call)."""
+        far = peer
+        seen = {own.uuid}
+        while far.loopback and far.uuid not in seen:
+            seen.add(far.uuid)
+            beyond = self._across_loopback(far)
+            nxt = self._legs.get(beyond) if beyond else None
+            if nxt is None or nxt.uuid in seen:
+                return peer if far.loopback else far
+            far = nxt
+        return far
+
+    def _linked(self, leg: _Leg) -> list[str]:
+        """Legs one step from ``leg``: bridge partners, originator, loopback pair, legs
+        it originated."""
+        out = list(leg.partners)
+        for uuid in (leg.originator, leg.loopback_peer):
+            if uuid and uuid not in out:
+                out.append(uuid)
+        for uuid, _ in leg.originated:
+            if uuid not in out:
+                out.append(uuid)
+        return out
+
+    def _closure(self, start: _Leg, linked: Callable[[_Leg], list[str]]) -> list[str]:
+        """Legs linked to ``start``, passing through loopback halves (a pair joins the
+        legs on either side of it: r1) but not through other legs."""
+        out: list[str] = []
+        seen = {start.uuid}
+        frontier = [start]
+        while frontier:
+            leg = frontier.pop(0)
+            for uuid in linked(leg):
+                if uuid in seen:
+                    continue
+                seen.add(uuid)
+                out.append(uuid)
+                other = self._legs.get(uuid)
+                if other is not None and other.loopback:
+                    frontier.append(other)
+        return out
+
     # -- parts --------------------------------------------------------------------
 
     def _part(self, leg: _Leg) -> _Part | None:
@@ -336,10 +457,17 @@ class CallTracker:
         part = self._parts.get(leg.uuid)
         if part is None:
             self._order += 1
-            kind, callerid, group = self._classify(leg)
-            part = self._parts[leg.uuid] = _Part(leg, kind, callerid, group, self._order)
-            self._set_group(part, group)
+            part = self._parts[leg.uuid] = _Part(leg, "", "", None, self._order)
+            self._classify_part(part)
         return part
+
+    def _classify_part(self, part: _Part) -> None:
+        kind, callerid, group, unknown = self._classify(part.leg)
+        part.kind, part.callerid = kind, callerid
+        self._set_group(part, group)
+        part.waits_for = unknown
+        if unknown:
+            self._unclassified.setdefault(unknown, {})[part.leg.uuid] = None
 
     def _set_group(self, part: _Part, group: str | None) -> None:
         if part.group and part in self._groups.get(part.group, ()):
@@ -348,31 +476,56 @@ class CallTracker:
         if group:
             self._groups.setdefault(group, []).append(part)
 
-    def _classify(self, leg: _Leg) -> tuple[str, str, str | None]:
+    def _classify(self, leg: _Leg) -> tuple[str, str, str | None, str | None]:
+        """``(kind, callerid, group, unknown)`` of an agent leg; ``unknown`` names the leg
+        the answer hangs on when it has not been heard of yet."""
         numbers = self.config.numbers
         if leg.cc360_direction == "outgoing":
             client = leg.cc360_client or leg.caller_number
-            return "outgoing", numbers.normalize(client), None
+            return "outgoing", numbers.normalize(client), None, None
         if leg.direction == "outbound":
-            if leg.originator is None:
-                return "originated", "", None
-            origin = self._legs.get(leg.originator)
-            if origin is not None:
+            origin_uuid, unknown = self._origin(leg)
+            if origin_uuid is None:
+                return "originated", "", None, None
+            origin = self._legs.get(origin_uuid)
+            if origin is not None and origin.profiled:
                 internal = origin.extension is not None
             else:  # originator unknown (restart): judge by the number the phone shows
                 internal = self._is_extension_number(leg.caller_number)
             caller = leg.caller_number
             if internal:
-                return "internal_in", self._as_extension(caller) or caller, leg.originator
-            return "incoming", numbers.normalize(caller), leg.originator
+                return ("internal_in", self._as_extension(caller) or caller, origin_uuid,
+                        unknown)
+            return "incoming", numbers.normalize(caller), origin_uuid, unknown
         # A phone placed this leg: it dials an extension or a number.
         dest = leg.destination
         if self._is_extension_number(dest):
-            return "internal_out", self._as_extension(dest) or dest, None
+            return "internal_out", self._as_extension(dest) or dest, None, None
         phone = numbers.phone_or_none(dest)
         if phone is None:
-            return "ignored", "", None  # feature codes (*97), voicemail, conferences
-        return "outgoing", phone, None
+            return "ignored", "", None, None  # feature codes (*97, **101), voicemail...
+        return "outgoing", phone, None, None
+
+    def _heard_of(self, leg: _Leg, at: float, now: float, out: list[CrmEvent]) -> None:
+        """``leg``'s first own event: judge again what was decided without it."""
+        for uuid in self._unclassified.pop(leg.uuid, {}):
+            part = self._parts.get(uuid)
+            if part is not None and part.waits_for == leg.uuid and not part.done:
+                self._classify_part(part)
+                if part.leg.complete and not part.waits_for:
+                    self._agent_leg_done(part, part.leg.ended_at or at, now, out)
+        for uuid, bridged_at in self._joins.pop(leg.uuid, ()):
+            part = self._parts.get(uuid)
+            if part is not None and not part.done:
+                self._joined(part, leg, bridged_at, out)
+
+    def _settle_unclassified(self, part: _Part, now: float, out: list[CrmEvent]) -> None:
+        """The leg ``part`` hangs on never came: take the best guess as it is."""
+        waits = self._unclassified.get(part.waits_for or "", {})
+        waits.pop(part.leg.uuid, None)
+        part.waits_for = None
+        if not part.done:
+            self._agent_leg_done(part, part.leg.ended_at or now, now, out)
 
     def _reported(self, part: _Part) -> bool:
         if part.kind in ("incoming", "outgoing"):
@@ -398,8 +551,9 @@ class CallTracker:
             part.ringing_sent = True
             self._send(part, "ringing", at, out)
 
-    def _answer(self, part: _Part, at: float, out: list[CrmEvent]) -> None:
-        self._ring(part, at, out)
+    def _answer(self, part: _Part, at: float, out: list[CrmEvent], ring: bool = True) -> None:
+        if ring:
+            self._ring(part, at, out)
         if not part.answer_sent and self._realtime(part):
             part.answer_sent = True
             self._send(part, "answer", at, out)
@@ -467,7 +621,7 @@ class CallTracker:
             return
         other = self._legs.get(other_uuid)
         if other is None:
-            other = self._legs[other_uuid] = _Leg(uuid=other_uuid, seen_at=at)
+            other = self._legs[other_uuid] = _Leg(uuid=other_uuid, seen_at=at, touched_at=now)
             other.direction = event.get("Other-Leg-Direction") or ""
             other.caller_number = event.get("Other-Leg-Caller-ID-Number") or ""
             other.orig_caller_number = event.get("Other-Leg-Orig-Caller-ID-Number") or ""
@@ -478,27 +632,58 @@ class CallTracker:
         other.bridged_at = other.bridged_at or at
         for agent, peer in ((leg, other), (other, leg)):
             part = self._part(agent)
-            if part is not None:
+            if part is None:
+                continue
+            if peer.profiled:
                 self._joined(part, peer, at, out)
+            else:  # a leg not heard of (restart, backfill): judge once it is
+                self._joins.setdefault(peer.uuid, []).append((agent.uuid, at))
 
     def _joined(self, part: _Part, peer: _Leg, at: float, out: list[CrmEvent]) -> None:
-        """``part``'s agent leg is now bridged to ``peer``: transfers and API originates."""
-        if peer.extension is not None:
+        """``part``'s agent leg is now bridged to ``peer``: pickups, transfers and API
+        originates. Through a loopback pair, the leg beyond it counts."""
+        far = self._far_end(peer, part.leg)
+        if far.loopback:
+            return  # nothing known beyond the pair
+        if part.leg.direction == "inbound" and far.direction == "inbound" and (
+                part.kind in ("ignored", "internal_out")):
+            self._take_over(part, peer, far, at, out)
+            return
+        if far.extension is not None:
             return  # agent to agent: a consultation or an internal call, nothing changes
         numbers = self.config.numbers
         if part.kind == "originated" or (part.kind == "outgoing" and not part.callerid):
-            self._promote_outgoing(part, peer)
+            self._promote_outgoing(part, far)
             self._answer(part, at, out)
-        elif part.kind == "internal_in" and peer.direction == "inbound":
+        elif part.kind == "internal_in" and far.direction == "inbound":
             # Attended transfer: the consultation leg now talks to the original caller.
             part.kind = "incoming"
-            part.callerid = numbers.normalize(peer.orig_caller_number or peer.caller_number)
-            self._set_group(part, peer.uuid)
+            part.callerid = numbers.normalize(far.orig_caller_number or far.caller_number)
+            self._set_group(part, far.uuid)
             self._answer(part, at, out)
-        elif part.kind == "internal_out" and peer.direction == "outbound":
+        elif part.kind == "internal_out" and far.direction == "outbound":
             part.kind = "outgoing"
-            part.callerid = numbers.normalize(peer.destination)
+            part.callerid = numbers.normalize(far.destination)
             self._answer(part, at, out)
+
+    def _take_over(self, part: _Part, peer: _Leg, caller: _Leg, at: float,
+                   out: list[CrmEvent]) -> None:
+        """Pickup (p1): a phone's own leg (``**101``, ``*8``: ``intercept``) bridged to
+        a caller's leg, which FreeSWITCH placed for nobody else: the agent took the call
+        over. It is that agent's incoming call from the caller's original number
+        (``intercept`` rewrites the caller leg's ``Caller-Caller-ID-Number`` to the
+        picking phone's); its phone never rang for it, so the first popup is answer."""
+        if caller.extension is not None:
+            part.kind = "internal_in"
+            part.callerid = caller.extension
+        else:
+            part.kind = "incoming"
+            part.callerid = self.config.numbers.normalize(
+                caller.orig_caller_number or caller.caller_number)
+        self._set_group(part, caller.uuid)
+        part.taken_at = at
+        part.taken_from = peer.uuid
+        self._answer(part, at, out, ring=False)
 
     def _on_record(self, leg: _Leg, event: ChannelEvent, at: float, now: float,
                    out: list[CrmEvent]) -> None:
@@ -515,6 +700,7 @@ class CallTracker:
                             out: list[CrmEvent]) -> None:
         leg.complete = True
         leg.ended_at = at
+        leg.hangup_cause = event.get("Hangup-Cause") or event.var("hangup_cause") or ""
         leg.billsec = _int(event.var("billsec"))
         answered_epoch = _int(event.var("answer_epoch"))
         if leg.answered_at is None and answered_epoch:
@@ -539,8 +725,11 @@ class CallTracker:
                 leg.recordings.setdefault(path, _Recording(leg.answered_at, at))
 
         part = self._part(leg)
-        if part is not None:
+        if part is not None and not part.waits_for:
             self._agent_leg_done(part, at, now, out)
+        elif part is not None:
+            part.summary_due_at = now + self.config.summary_wait  # for the guess
+            self._hangup_popup(part, at, out)
         for waiting in self._dependents.pop(leg.uuid, ()):
             waiting_part = self._due.get(waiting)
             if waiting_part is not None and self._ready(waiting_part):
@@ -548,24 +737,31 @@ class CallTracker:
         if part is not None and part.group:
             self._decide_missed(part.group, now, out)
         self._decide_missed(leg.uuid, now, out)
-        self._derive_missed_from_caller(leg, out)
+        for group in list(self._groups_due):
+            self._decide_missed(group, now, out)
 
-    def _agent_leg_done(self, part: _Part, at: float, now: float, out: list[CrmEvent]) -> None:
+    def _hangup_popup(self, part: _Part, at: float, out: list[CrmEvent]) -> None:
+        """Close the agent's popup: every part that got ringing or answer gets hangup."""
         restarted = part.leg.first_event == "CHANNEL_HANGUP_COMPLETE"
-        if part.kind == "originated":
-            self._settle_originated(part)
         if self._realtime(part) and not part.hangup_sent:
             if part.ringing_sent or part.answer_sent or (
                 restarted and (part.leg.answered_at or part.leg.progress_at)
             ):
                 part.hangup_sent = True
                 self._send(part, "hangup", at, out)
+
+    def _agent_leg_done(self, part: _Part, at: float, now: float, out: list[CrmEvent]) -> None:
+        if part.kind == "originated":
+            self._settle_originated(part)
+        self._hangup_popup(part, at, out)
         if not self._reported(part):
             part.done = True
             return
         if part.kind in ("outgoing", "internal_out") or part.leg.answered_at:
             self._wait_for_summary(part, now, out)
-        # unanswered incoming parts wait for the missed-call decision of their call
+        elif part.group in self._groups_done:
+            part.done = True  # its call was decided without it (forced after a wait)
+        # other unanswered incoming parts wait for the missed-call decision of their call
 
     # -- summaries -----------------------------------------------------------------
 
@@ -575,7 +771,7 @@ class CallTracker:
         that knowledge, if it was bridged while its destination was a phone number."""
         for uuid in part.leg.partners:
             peer = self._legs.get(uuid)
-            if peer is not None and peer.extension is None:
+            if peer is not None and peer.profiled and peer.extension is None:
                 self._promote_outgoing(part, peer)
                 return
         leg = part.leg
@@ -583,10 +779,9 @@ class CallTracker:
             self._promote_outgoing(part, leg)
 
     def _related(self, part: _Part) -> list[str]:
-        related = list(part.leg.partners)
-        if part.leg.originator and part.leg.originator not in related:
-            related.append(part.leg.originator)
-        return related
+        """The legs whose end (and recordings) an agent's summary waits for: its bridge
+        partners and originator, and through loopback pairs the legs beyond them."""
+        return self._closure(part.leg, _bridged_or_placed)
 
     def _ready(self, part: _Part) -> bool:
         for uuid in self._related(part):
@@ -615,7 +810,7 @@ class CallTracker:
         if direction is None:
             return
         if direction == "incoming":
-            duration = self._talk_seconds(leg)
+            duration = self._talk_seconds(part)
         else:
             duration = self._client_seconds(part)
         files = self._files(part) if leg.answered_at else ()  # nobody talked: nothing to hear
@@ -624,7 +819,14 @@ class CallTracker:
             direction=direction, duration=duration, files=files,
         ))
 
-    def _talk_seconds(self, leg: _Leg) -> int:
+    def _talk_seconds(self, part: _Part) -> int:
+        leg = part.leg
+        if part.taken_at is not None:  # a pickup: from the takeover to either side's end
+            end = leg.ended_at
+            peer = self._legs.get(part.taken_from or "")
+            if peer is not None and peer.ended_at is not None:
+                end = peer.ended_at if end is None else min(end, peer.ended_at)
+            return max(0, round(end - part.taken_at)) if end is not None else 0
         if leg.billsec is not None:
             return leg.billsec
         if leg.answered_at and leg.ended_at:
@@ -636,7 +838,8 @@ class CallTracker:
         best: int | None = None
         for uuid in self._related(part):
             other = self._legs.get(uuid)
-            if other is None or other.extension is not None and part.kind == "outgoing":
+            if other is None or other.loopback or (
+                    other.extension is not None and part.kind == "outgoing"):
                 continue
             if other.complete and other.billsec is not None:
                 seconds = other.billsec
@@ -672,18 +875,41 @@ class CallTracker:
 
     # -- missed calls --------------------------------------------------------------
 
-    def _decide_missed(self, group: str, now: float, out: list[CrmEvent]) -> None:
-        """Once a call (the caller's leg ``group``) is over and all its agent legs too:
-        if nobody answered, pick the parts that get a missed-call summary."""
-        parts = [p for p in self._groups.get(group, ()) if p.kind in ("incoming", "internal_in")]
-        if not parts or group in self._groups_done:
+    def _decide_missed(self, group: str, now: float, out: list[CrmEvent],
+                       force: bool = False) -> None:
+        """Once a call (the caller's leg ``group``) is over, and every leg linked to it
+        too (or ``summary_wait`` has passed): if nobody answered, pick the parts that
+        get a missed-call summary.
+
+        Waiting for the linked legs makes the answer independent of the order in which
+        legs that end together are read: the picking phone's leg (p1) or a loopback
+        pair's far side (r1) may come after the caller's leg.
+        """
+        if group in self._groups_done:
+            self._groups_due.pop(group, None)
             return
         caller = self._legs.get(group)
-        if caller is None or not caller.complete or not all(p.leg.complete for p in parts):
+        if caller is None or not caller.complete:
+            return
+        parts = [p for p in self._groups.get(group, ()) if p.kind in ("incoming", "internal_in")]
+        if not force:
+            pending = [p for p in parts if not p.leg.complete or p.waits_for] or [
+                uuid for uuid in self._closure(caller, self._linked)
+                if not (self._legs.get(uuid) and self._legs[uuid].complete)]
+            if pending or not parts:
+                if pending or caller.originated:
+                    self._groups_due.setdefault(group, now + self.config.summary_wait)
+                return
+        self._groups_due.pop(group, None)
+        if not parts:
+            self._derive_missed_from_caller(caller, out)
             return
         self._groups_done.add(group)
-        unanswered = [p for p in parts if not p.leg.answered_at]
-        if len(unanswered) == len(parts):
+        done = [p for p in parts if p.leg.complete]
+        unanswered = [p for p in done if not p.leg.answered_at]
+        # intercept ends the picked-off leg PICKED_OFF: somebody took the call (p1)
+        taken = any(p.leg.answered_at or p.leg.hangup_cause == "PICKED_OFF" for p in parts)
+        if not taken:
             for p in self._missed_parts(parts):
                 self._emit_summary(p, out)
         for p in unanswered:
@@ -693,10 +919,10 @@ class CallTracker:
         mode = self.config.missed_calls
         if mode == "none":
             return []
-        reported = [p for p in parts if self._reported(p)]
+        reported = [p for p in parts if self._reported(p) and p.leg.complete]
         rang = sorted((p for p in reported if p.rang_at is not None),
                       key=lambda p: (p.rang_at, p.order))
-        chosen = rang or sorted(reported, key=lambda p: p.order)
+        chosen = rang or sorted(reported, key=_tried_order)
         return chosen if mode == "all" else chosen[:1]
 
     def _derive_missed_from_caller(self, leg: _Leg, out: list[CrmEvent]) -> None:
@@ -728,9 +954,10 @@ class CallTracker:
         grace = max(self.config.summary_wait * 3, 60.0)
         stale = self.config.stale_after
         for uuid, leg in list(self._legs.items()):
-            idle = now - leg.seen_at
+            idle = now - leg.touched_at
             part = self._parts.get(uuid)
-            finished = leg.complete and (part is None or part.done)
+            finished = leg.complete and (part is None or part.done) and (
+                uuid not in self._groups_due)
             if (finished and idle > grace) or idle > stale:
                 if part is not None and not part.done:
                     if part.summary_due_at is not None:
@@ -739,13 +966,29 @@ class CallTracker:
                                 uuid, part.user)
                 self._legs.pop(uuid, None)
                 self._dependents.pop(uuid, None)
+                self._unclassified.pop(uuid, None)
+                self._joins.pop(uuid, None)
                 self._groups.pop(uuid, None)
                 self._groups_done.discard(uuid)
+                self._groups_due.pop(uuid, None)
                 if part is not None:
                     self._parts.pop(uuid, None)
                     self._due.pop(uuid, None)
                     if part.group in self._groups and part in self._groups[part.group]:
                         self._groups[part.group].remove(part)
+
+
+def _bridged_or_placed(leg: _Leg) -> list[str]:
+    """Bridge partners, originator and loopback pair: the legs a summary waits for."""
+    out = list(leg.partners)
+    for uuid in (leg.originator, leg.loopback_peer):
+        if uuid and uuid not in out:
+            out.append(uuid)
+    return out
+
+
+def _tried_order(part: _Part) -> int:
+    return part.order
 
 
 _HANDLERS = {

@@ -84,6 +84,66 @@ EXPECTED: dict[str, list[tuple]] = {
         ("summary", "0b140142", "102", CALLER, "incoming", 4, ("dc6bd1ac",)),
         ("summary", "639babb0", "101", CALLER, "incoming", 6, ("dc6bd1ac",)),
     ],
+    # Queue (mod_callcenter, top-down): the queue answers the caller leg 73a8880a itself
+    # and places each agent leg with only cc_member_session_uuid=73a8880a as a link.
+    # 101 (2d29a888) rings ~3 s, NO_ANSWER: popup opened and closed, no missed call
+    # (the call was answered). 102 (63a15826) rings, answers, billsec 3 (its talk time,
+    # not the caller's 9 s in the queue); the caller leg's recording.
+    "q1_queue_first_agent_no_answer": [
+        ("ringing", "2d29a888", "101", CALLER, None, None, ()),
+        ("hangup", "2d29a888", "101", CALLER, None, None, ()),
+        ("ringing", "63a15826", "102", CALLER, None, None, ()),
+        ("answer", "63a15826", "102", CALLER, None, None, ()),
+        ("hangup", "63a15826", "102", CALLER, None, None, ()),
+        ("summary", "63a15826", "102", CALLER, "incoming", 3, ("73a8880a",)),
+    ],
+    # Pickup: 101's leg 93cb3fa8 rings, ends PICKED_OFF (no missed call); 102's own leg
+    # 003cfad6 (dialled **101) is bridged by intercept to the caller leg 41d28e69: its
+    # incoming call from the caller's original number, answer without ringing (its phone
+    # never rang), talk time = bridged to the caller 2.41 s -> 5.39 s (its leg lives
+    # 2 s longer: sleep 2000), the caller leg's recording.
+    "p1_call_pickup_102_intercepts_101": [
+        ("ringing", "93cb3fa8", "101", CALLER, None, None, ()),
+        ("hangup", "93cb3fa8", "101", CALLER, None, None, ()),
+        ("answer", "003cfad6", "102", CALLER, None, None, ()),
+        ("hangup", "003cfad6", "102", CALLER, None, None, ()),
+        ("summary", "003cfad6", "102", CALLER, "incoming", 3, ("41d28e69",)),
+    ],
+    # Ring group over loopback/101 and loopback/102: the phone legs 280fbd7a (101) and
+    # ed608011 (102) point at their loopback-b legs; through each pair they belong to
+    # the caller leg 95023bdd. 102 answers (billsec 3): the recordings of its loopback-b
+    # leg 3df6e2bb and of the caller leg, released as soon as the last leg ends.
+    "r1_loopback_ring_group_102_answers": [
+        ("ringing", "ed608011", "102", CALLER, None, None, ()),
+        ("ringing", "280fbd7a", "101", CALLER, None, None, ()),
+        ("answer", "ed608011", "102", CALLER, None, None, ()),
+        ("hangup", "280fbd7a", "101", CALLER, None, None, ()),
+        ("hangup", "ed608011", "102", CALLER, None, None, ()),
+        ("summary", "ed608011", "102", CALLER, "incoming", 3, ("3df6e2bb", "95023bdd")),
+    ],
+    # Stock FreeSWITCH with freeswitch_conf/ applied (users 1000-1019, recordings in day
+    # folders). DID 5551212 -> 1000 (d375affc), answered, billsec 3; the carrier's leg
+    # 04c24ef1 recorded the call.
+    "stock_inbound_answered": [
+        ("ringing", "d375affc", "1000", CALLER, None, None, ()),
+        ("answer", "d375affc", "1000", CALLER, None, None, ()),
+        ("hangup", "d375affc", "1000", CALLER, None, None, ()),
+        ("summary", "d375affc", "1000", CALLER, "incoming", 3, ("04c24ef1",)),
+    ],
+    "stock_inbound_not_answered": [
+        ("ringing", "eee15a44", "1000", CALLER, None, None, ()),
+        ("hangup", "eee15a44", "1000", CALLER, None, None, ()),
+        ("summary", "eee15a44", "1000", CALLER, "incoming", 0, ()),
+    ],
+    # 1001 -> 1000: internal, skipped by default.
+    "stock_internal_1001_to_1000": [],
+    # makecall 1000 -> 79991234567 (legs tagged by fs-cc360's originate template).
+    "stock_click_to_call_via_makecall": [
+        ("summary", "60c95e56", "1000", CALLER, "outgoing", 3, ("60c95e56",)),
+    ],
+    "stock_outgoing_from_1000": [
+        ("summary", "b561066b", "1000", CALLER, "outgoing", 3, ("b561066b",)),
+    ],
 }
 
 
@@ -105,7 +165,7 @@ def run(frames: list[bytes], config: TrackerConfig | None = None,
 def simplify(events: list[CrmEvent]) -> list[tuple]:
     return [
         (e.kind, e.call_id[:8], e.user, e.callerid, e.direction, e.duration,
-         tuple(f.removeprefix(REC)[:8] for f in e.files))
+         tuple(f.rpartition("/")[2][:8] for f in e.files))
         for e in events
     ]
 

@@ -93,12 +93,19 @@ def expected_requests(scenario: str, frames: list[bytes]) -> list[tuple]:
         (match,) = [u for u in uuids if u.startswith(prefix)]
         return match
 
+    recorded = set(re.findall(r"\nRecord-File-Path: ([^\n]+)", text))
+
+    def recording(prefix: str) -> str:
+        """The path FreeSWITCH recorded to (the stock captures use day folders)."""
+        (match,) = [p for p in recorded if p.rpartition("/")[2].startswith(full(prefix))]
+        return match
+
     out = []
     for kind, call, user, callerid, direction, duration, files in EXPECTED[scenario]:
         if kind == "summary":
             params = {"id": full(call), "callerid": callerid, "user": user,
                       "event": direction, "duration": str(duration)}
-            body = {"FILES": [signed_link(f"{REC}{full(f)}.wav") for f in files]}
+            body = {"FILES": [signed_link(recording(f)) for f in files]}
             out.append(("PushHistoryData", params, body))
         else:
             params = {"id": full(call), "eventName": kind, "callerid": callerid, "user": user}
