@@ -237,7 +237,7 @@ class CallTracker:
 
     def feed(self, event: ChannelEvent, now: float | None = None) -> list[CrmEvent]:
         """Apply one event; return the CC360 events it completes, in order."""
-        at = _event_time(event)
+        at = event.timestamp
         now = at if now is None else now
         uuid = event.uuid
         if not uuid or event.name == "BACKGROUND_JOB":
@@ -1007,11 +1007,6 @@ _HANDLERS = {
 TRACKED_EVENTS = tuple(_HANDLERS)
 
 
-def _event_time(event: ChannelEvent) -> float:
-    raw = event.get("Event-Date-Timestamp")
-    if raw and raw.isdigit():
-        return int(raw) / 1_000_000
-    return 0.0
 
 
 def _int(value: str | None) -> int | None:

@@ -229,6 +229,14 @@ class ChannelEvent:
     def uuid(self) -> str:
         return self.get("Unique-ID") or ""
 
+    @property
+    def timestamp(self) -> float:
+        """``Event-Date-Timestamp`` in epoch seconds (FreeSWITCH's clock), 0.0 if absent."""
+        raw = self.get("Event-Date-Timestamp")
+        if raw and raw.isascii() and raw.isdigit():
+            return int(raw) / 1_000_000
+        return 0.0
+
     def __repr__(self) -> str:
         return f"<ChannelEvent {self.name} {self.uuid}>"
 

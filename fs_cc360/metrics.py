@@ -108,6 +108,16 @@ class Metrics:
             "fs_cc360_makecall_failures_total",
             "Originate jobs FreeSWITCH answered with -ERR, by reason", ["reason"], registry=r,
         )
+        self.clock_offset = Gauge(
+            "fs_cc360_freeswitch_clock_offset_seconds",
+            "How far FreeSWITCH's event clock is behind this host's (negative: ahead), "
+            "smallest lag of its recent events", registry=r,
+        )
+        self.clock_skewed = Gauge(
+            "fs_cc360_freeswitch_clock_skewed",
+            "1 while FreeSWITCH's clock and this host's disagree by more than a few seconds",
+            registry=r,
+        )
         self.outbox_writable.set(1)
         # Known label values start at 0 so rate() and absence alerts work from the start.
         for result in MAKECALL_RESULTS:
@@ -127,6 +137,12 @@ class Metrics:
 
     def crm_event(self, kind: str) -> None:
         self.crm_events.labels(kind=_label(kind)).inc()
+
+    def clock(self, offset: float | None, skewed: bool) -> None:
+        """FreeSWITCH's clock offset (:class:`fs_cc360.clock.ClockOffset`)."""
+        if offset is not None:
+            self.clock_offset.set(offset)
+        self.clock_skewed.set(1 if skewed else 0)
 
     # -- delivery --------------------------------------------------------------------
 

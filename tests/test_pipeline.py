@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,36 @@ def test_anonymous_mode_uses_the_service_path_and_never_logs_in(tmp_path: Path) 
         for rec in crm.event_requests():
             assert f"/0/ServiceModel/OmniWhoCallsService.svc/{CRM_TOKEN}/" in rec.path
             assert "bpmcsrf" not in rec.headers
+
+
+@pytest.mark.parametrize("skew", [-900, 900], ids=["freeswitch-15min-behind",
+                                                   "freeswitch-15min-ahead"])
+def test_popups_survive_a_skewed_freeswitch_clock(skew: int, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """FreeSWITCH on another host with its clock 15 minutes off: the popups' age counts
+    from when the connector read the events, so none expires; one warning says so, and
+    the offset gauge shows it (positive: FreeSWITCH behind)."""
+    caplog.set_level("INFO")
+    scenario = "q1_queue_first_agent_no_answer"
+    frames = shift_to_now(capture_frames(scenario), now=time.time() + skew)
+    expected = expected_requests(scenario, frames)
+    with pipeline(tmp_path) as (service, fs, crm):
+        fs.push_events(frames)
+        assert wait_until(lambda: drained(service) and len(crm.events()) >= len(expected))
+        assert by_id([tuple(e) for e in crm.events()]) == by_id(expected)
+        assert service.outbox.stats().count(OutboxStatus.expired) == 0
+        # the replay sends the 9 s call at once: its timestamps span 9 s more than that
+        assert service.clock_offset.offset == pytest.approx(-skew, abs=15)
+        assert wait_until(lambda: b"fs_cc360_freeswitch_clock_skewed 1.0"
+                          in service.metrics.render()[0])
+        # a second call, same skew: no second warning
+        fs.push_events(shift_to_now(remap(capture_frames("a_inbound_answered_caller_hangup"),
+                                          3), now=time.time() + skew))
+        assert wait_until(lambda: drained(service) and len(crm.events()) >= len(expected) + 4)
+    warnings = [r for r in caplog.records if r.getMessage().startswith("clock.skew")]
+    assert len(warnings) == 1
+    assert ("behind" if skew < 0 else "ahead of") in warnings[0].getMessage()
+    assert "outbox.expired" not in caplog.text
 
 
 def test_interleaved_calls_on_one_connection_with_crm_outage(tmp_path: Path) -> None:
