@@ -55,6 +55,41 @@ Transfers (rule 6)
     (``Caller-Orig-Caller-ID-Number``/``Caller-ANI``: FreeSWITCH has rewritten
     ``Caller-Caller-ID-Number`` by then) and gets its own ringing/answer/hangup.
 
+Queues (rule 11, q1)
+    mod_callcenter answers the caller's leg itself, then places each agent leg with no
+    ``originator`` and no Other-Leg: its only link to the caller is
+    ``variable_cc_member_session_uuid`` (the member session), which stands in for the
+    originator. So an offered agent leg is an ``incoming`` part of the caller's call,
+    whatever the strategy (top-down, ring-all, longest-idle...): ringing, a closing
+    hangup, answer and the summary for the one who answers (duration = its own
+    ``billsec``, never the caller's time in the queue), the caller leg's recordings, and
+    the missed-call rule over the agents offered when the caller gives up.
+
+Pickups (rule 12, p1)
+    ``intercept`` (``**101``, and group pickup, which ends the same way) ends the ringing
+    leg with ``PICKED_OFF`` and bridges the picking phone's *own* leg to the caller's
+    leg. An agent leg a phone placed (``inbound``), bridged to another ``inbound`` leg
+    (placed by a caller, never for this phone) has taken the call over: it becomes that
+    agent's ``incoming`` part, from the caller's ``Caller-Orig-Caller-ID-Number``
+    (intercept rewrites ``Caller-Caller-ID-Number`` to the picker's), ``answer`` with no
+    ``ringing`` (its phone never rang), talk time from the takeover bridge to the end of
+    either side. A ``PICKED_OFF`` leg means the call was taken: no missed call.
+
+Loopback legs (rule 13, r1)
+    FusionPBX ring groups and follow-me (and queue contacts ``loopback/101``) put a
+    mod_loopback pair between the caller and the phones: the ``-a`` half is placed from
+    the caller, the ``-b`` half (``other_loopback_leg_uuid``, ``other_loopback_from_uuid``)
+    runs the dialplan and places the phone legs. A pair is followed as one link: a phone
+    leg's originator is the leg beyond the pair, and a summary waits for, and takes the
+    recordings of, the legs on both sides. Loopback halves are never agent legs.
+
+Order (rule 14)
+    A leg first heard of at its end (restart, backfill) is never taken for a non-agent:
+    a part classified without the leg it hangs on, or a bridge to an unknown leg, is
+    judged again when that leg is heard of (or as it stands after ``summary_wait``); the
+    missed-call decision waits until every leg linked to the caller has completed. So
+    legs that end in the same clock tick give the same answer in any order.
+
 Recordings (rule 9)
     Files recorded (RECORD_START/RECORD_STOP ``Record-File-Path``, or the channel
     variable ``recording_variable``) on the agent leg or on a leg it was bridged to (its

@@ -384,3 +384,17 @@ def test_crm_event_is_immutable() -> None:
     event = run(capture_frames("a_inbound_answered_caller_hangup"))[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.user = "102"  # type: ignore[misc]
+
+
+def test_loopback_ring_group_summary_needs_no_wait() -> None:
+    """r1: the summary goes out with the last leg's HANGUP_COMPLETE (the loopback pair is
+    followed, so every related leg is known to be over), never by the summary_wait
+    timer; both loopback halves stay out of the popups."""
+    tracker = CallTracker(TrackerConfig(summary_wait=3600))
+    out: list[CrmEvent] = []
+    for body in capture_frames("r1_loopback_ring_group_102_answers"):
+        out += tracker.feed(parse_event(body))
+    assert tracker.waiting == 0
+    assert [e.kind for e in out if e.kind == "summary"] == ["summary"]
+    assert {e.user for e in out} == {"101", "102"}
+
