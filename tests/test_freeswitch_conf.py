@@ -1,6 +1,11 @@
 """freeswitch_conf/ and the deployment files: well-formed, the expected shape, and a source
 for every channel variable the connector reads.
 
+FreeSWITCH runs a preprocessor over its files before parsing them, line by line and blind to
+XML comments (``preprocessor_lines`` reads text the same way): the shipped files must hold
+no directive at all, and the README snippets only lone, complete ones. The event list the
+docs give must be what the service subscribes to (:data:`fs_cc360.service.SUBSCRIBED_EVENTS`).
+
 The cross-check (``test_every_channel_variable_read_has_a_source``) reads the package's
 code, not a list someone keeps: every ``event.var("name")`` call (a literal name, a name
 bound by a ``for`` over literal names, or a module constant), every ``"variable_<name>"``
@@ -18,18 +23,20 @@ from __future__ import annotations
 import ast
 import configparser
 import copy
-import importlib
 import pathlib
 import re
+import textwrap
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
 from fs_cc360.events import parse_event
 from fs_cc360.makecall import MakeCall
 from fs_cc360.numbers import NumberRules
+from fs_cc360.service import SUBSCRIBED_EVENTS
 from tests.fakes.captures import SCENARIOS, capture_frames
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -50,6 +57,8 @@ C = "c_click_to_call_101_to_external"
 G = "g_internal_102_to_101_answered"
 H = "h_ring_group_102_answers"
 M = "m_attended_transfer"
+Q = "q1_queue_first_agent_no_answer"
+R = "r1_loopback_ring_group_102_answers"
 FREESWITCH_VARIABLES: dict[str, tuple[str, str]] = {
     # Who the leg is: the user/ endpoint on legs it dials (a: 101's leg), sofia on the
     # legs an authenticated phone places (g: 102's leg).
@@ -120,22 +129,27 @@ FREESWITCH_VARIABLES: dict[str, tuple[str, str]] = {
     "record_file_size": (A, "RECORD_STOP"),
     "record_completion_cause": (A, "RECORD_STOP"),
     "record_stereo": (A, "CHANNEL_HANGUP"),
+    # mod_callcenter: an agent leg's only link to the caller's leg (q1: 101's leg).
+    "cc_member_session_uuid": (Q, "CHANNEL_CREATE"),
+    # mod_loopback pairs (r1: the -a half names the leg it was placed from and its -b half;
+    # the -b half names the -a half and the caller's leg).
+    "loopback_leg": (R, "CHANNEL_CREATE"),
+    "loopback_from_uuid": (R, "CHANNEL_CREATE"),
+    "other_loopback_leg_uuid": (R, "CHANNEL_CREATE"),
+    "other_loopback_from_uuid": (R, "CHANNEL_CREATE"),
 }
 # Set by FreeSWITCH where no capture shows it (the PBX of the captures had no such leg).
-FREESWITCH_VARIABLES_NOT_CAPTURED: dict[str, str] = {
-    "is_loopback": "mod_loopback sets is_loopback=true on both halves of a loopback/ channel",
-}
+FREESWITCH_VARIABLES_NOT_CAPTURED: dict[str, str] = {}
 
 # Variables the shipped dialplan uses for itself only: fs-cc360 need not read them.
 DIALPLAN_OWN_VARIABLES = {"cc360_record", "cc360_record_ext", "cc360_recording"}
 
-# What fs-cc360 subscribes to (docs: freeswitch_conf/README.md section 6). The module's own
-# list (fs_cc360.esl.DEFAULT_EVENTS) is checked too when the module is there.
-DOCUMENTED_SUBSCRIPTION = (
-    "CHANNEL_CREATE", "CHANNEL_PROGRESS", "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER",
-    "CHANNEL_BRIDGE", "CHANNEL_UNBRIDGE", "CHANNEL_HANGUP_COMPLETE", "RECORD_START",
-    "RECORD_STOP", "BACKGROUND_JOB",
-)
+# The docs that list what fs-cc360 subscribes to, after SUBSCRIPTION_PHRASE; the list must
+# be fs_cc360.service.SUBSCRIBED_EVENTS, the one `fs-cc360 run` sends.
+EVENT_LIST_DOCS = (CONF / "README.md", CONF / "autoload_configs" / "switch.conf.xml.snippet")
+SUBSCRIPTION_PHRASE = "subscribes to these events:"
+PRINT_SUBSCRIPTION = (
+    "python -c 'from fs_cc360.service import SUBSCRIBED_EVENTS; print(*SUBSCRIBED_EVENTS)'")
 WITHOUT_VARIABLES = ("CHANNEL_STATE", "CHANNEL_CALLSTATE", "CHANNEL_OUTGOING")
 
 
@@ -359,6 +373,207 @@ def test_readme_xml_examples_are_well_formed() -> None:
     assert len(roots) >= 3
 
 
+# -- FreeSWITCH's preprocessor: what runs before the XML parser ------------------------------
+
+# The commands preprocess() in src/switch_xml.c runs (FreeSWITCH 1.10); any other does nothing.
+PREPROCESSOR_COMMANDS = ("set", "exec-set", "stun-set", "env-set", "include", "exec")
+# The directives each shipped file is meant to run, by path below freeswitch_conf/: none. A
+# drop-in file that set globals or pulled in files would do it on every reloadxml, on every
+# server it is copied to (a set in a comment pinned cc360_record_ext=wav for everyone).
+INTENDED_DIRECTIVES: dict[str, list[tuple[str, str]]] = {}
+# What the README snippets may run: an include of one shipped context file by name, and the
+# optional vars.xml pin of the recording format.
+README_INCLUDES = {"default/00_cc360_record.xml", "public/00_cc360_record.xml"}
+README_SETS = {"cc360_record_ext"}
+README_FILES = (ROOT / "README.md", CONF / "README.md")
+
+
+@dataclass(frozen=True)
+class PreprocessorLine:
+    """A line FreeSWITCH's preprocessor acts on instead of handing it to the XML parser."""
+
+    number: int
+    #: "directive": <X-PRE-PROCESS cmd="..." data="..."/>; "hash": <!--#cmd "arg"-->;
+    #: "dropped": X-PRE-PROCESS without "<" before it (the line vanishes);
+    #: "ignored": a directive on a line with <include>, </include> or <? (never runs).
+    kind: Literal["directive", "hash", "dropped", "ignored"]
+    text: str
+    cmd: str | None = None
+    data: str | None = None
+    in_comment: bool = False  #: inside <!-- --> as an XML parser reads the text
+
+
+def preprocessor_lines(text: str) -> list[PreprocessorLine]:
+    """The lines of ``text`` FreeSWITCH's preprocessor acts on, found the way preprocess()
+    in src/switch_xml.c (FreeSWITCH 1.10) reads a file, line by line and blind to comments:
+
+    * a line holding ``<include>``, ``</include>`` or ``<?`` is skipped, unread;
+    * a line holding ``X-PRE-PROCESS`` (any case): when ``<`` precedes the first one, its
+      ``cmd="..."`` and ``data="..."`` (the first of each after it) run and the whole line
+      is dropped; otherwise the line is just dropped;
+    * else ``<!--#cmd "arg"-->`` (the older form) runs the same way; when its ``-->`` is on
+      a later line, the lines up to that one are dropped.
+
+    The ``$${global}`` expansion done first is left out: the files here add no directive
+    through it.
+    """
+    comments = [m.span() for m in re.finditer(r"<!--.*?-->", text, flags=re.S)]
+    found: list[PreprocessorLine] = []
+    waiting_for_end = False  # inside a multi-line <!--#...-->
+    line_start = 0
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        start, line_start = line_start, line_start + len(line)
+        if any(mark in line for mark in ("<include>", "</include>", "<?")):
+            if "x-pre-process" in line.lower() or "<!--#" in line:
+                found.append(PreprocessorLine(number, "ignored", line.strip()))
+            continue
+        rest = line
+        if waiting_for_end:
+            if "-->" not in line:
+                continue
+            waiting_for_end = False
+            rest = line[line.index("-->") + 3:]
+        at = rest.lower().find("x-pre-process")
+        if at >= 0:
+            if at == 0 or rest[at - 1] != "<":
+                found.append(PreprocessorLine(number, "dropped", line.strip()))
+                continue
+            position = start + len(line) - len(rest) + at - 1
+            inside = any(begin <= position < end for begin, end in comments)
+            cmd, data = _directive_attributes(rest[at:])
+            found.append(PreprocessorLine(number, "directive", line.strip(), cmd, data, inside))
+            continue
+        at = rest.find("<!--#")
+        if at >= 0:
+            end = rest.find("-->", at)
+            waiting_for_end = end < 0
+            cmd, data = _hash_directive(rest[at + 5:end if end >= 0 else len(rest)])
+            found.append(PreprocessorLine(number, "hash", line.strip(), cmd, data, True))
+    return found
+
+
+def _directive_attributes(tag: str) -> tuple[str | None, str | None]:
+    """cmd and data as preprocess() finds them: the first ``cmd``, then ``=``, then a
+    quoted value; then the same for ``data`` after it. None where it finds none."""
+    cmd = re.search(r'cmd[^=]*=[^"]*"([^"]*)"?', tag, flags=re.I)
+    if not cmd:
+        return None, None
+    data = re.search(r'data[^=]*=[^"]*"([^"]*)', tag[cmd.end():], flags=re.I)
+    return cmd.group(1), data.group(1) if data else None
+
+
+def _hash_directive(body: str) -> tuple[str, str | None]:
+    """``cmd "arg"`` of a ``<!--#cmd "arg"-->`` line."""
+    cmd, _, arg = body.strip("\r\n").partition(" ")
+    quoted = re.search(r'"([^"]*)"', arg)
+    return cmd, quoted.group(1) if quoted else (arg or None)
+
+
+def preprocessor_problems(text: str) -> list[str]:
+    """Every preprocessor line of ``text`` that would not do what its author meant: one in
+    a comment (it runs all the same), one FreeSWITCH drops or never runs, one that is not a
+    lone, complete ``<X-PRE-PROCESS cmd="..." data="..."/>`` with a known command."""
+    problems: list[str] = []
+    for line in preprocessor_lines(text):
+        where = f"line {line.number}: {line.text}"
+        if line.kind == "ignored":
+            problems.append(f"{where}: on a line with <include>, </include> or <?, never runs")
+        elif line.kind == "dropped":
+            problems.append(f"{where}: X-PRE-PROCESS without '<': FreeSWITCH drops this line")
+        elif line.kind == "hash":
+            problems.append(f"{where}: <!--#...--> is a preprocessor directive, not a comment")
+        elif line.in_comment:
+            problems.append(f"{where}: runs although inside <!-- -->")
+        elif line.cmd not in PREPROCESSOR_COMMANDS or not line.data or not re.fullmatch(
+                r'<X-PRE-PROCESS\s+cmd="[^"]+"\s+data="[^"]+"\s*/>', line.text, flags=re.I):
+            problems.append(f"{where}: not one complete directive with a known cmd")
+    return problems
+
+
+def preprocessor_directives(text: str) -> list[tuple[str, str]]:
+    """(cmd, data) of every directive FreeSWITCH would run from ``text``."""
+    return [(line.cmd, line.data) for line in preprocessor_lines(text)
+            if line.kind in ("directive", "hash") and line.cmd and line.data]
+
+
+def readme_preprocessor_snippets(path: pathlib.Path) -> list[str]:
+    """What an admin pastes from a README that FreeSWITCH's preprocessor would act on: the
+    ``xml`` code blocks and the inline code spans that mention it."""
+    text = path.read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```xml\n(.*?)```", text, flags=re.S)]
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    snippets = blocks + spans
+    return [s for s in snippets if "x-pre-process" in s.lower() or "<!--#" in s]
+
+
+@pytest.mark.parametrize("path", XML_FILES + SNIPPETS, ids=lambda p: p.relative_to(CONF).as_posix())
+def test_shipped_files_run_only_intended_preprocessor_lines(path: pathlib.Path) -> None:
+    # FreeSWITCH's preprocessor does not know XML comments: an example directive in a
+    # comment runs on every reloadxml (issue 13: a "set" in the default dialplan's comments
+    # pinned cc360_record_ext=wav, so the mp3 choice never ran, and an "include" in them
+    # logged "Error including .../dialplan/default/default/*.xml").
+    text = path.read_text()
+    relative = path.relative_to(CONF).as_posix()
+    assert preprocessor_problems(text) == []
+    assert preprocessor_directives(text) == INTENDED_DIRECTIVES.get(relative, [])
+
+
+@pytest.mark.parametrize("path", README_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_readme_preprocessor_snippets_are_lone_directives_of_shipped_files(
+        path: pathlib.Path) -> None:
+    for snippet in readme_preprocessor_snippets(path):
+        assert preprocessor_problems(snippet) == [], snippet
+        for cmd, data in preprocessor_directives(snippet):
+            if cmd == "include":
+                # One shipped file by name, never a directory's glob (see test below).
+                assert data in README_INCLUDES and (CONF / "dialplan" / data).is_file(), data
+            else:
+                assert cmd == "set" and data.split("=", 1)[0] in README_SETS, (cmd, data)
+
+
+def test_readme_gives_the_include_line_of_each_context_file() -> None:
+    snippets = readme_preprocessor_snippets(CONF / "README.md")
+    included = {data for snippet in snippets
+                for cmd, data in preprocessor_directives(snippet) if cmd == "include"}
+    assert included == README_INCLUDES
+    assert {f"{context}/00_cc360_record.xml" for context in CONTEXT_DIRS} == README_INCLUDES
+    assert {name.split("=", 1)[0] for snippet in snippets
+            for cmd, name in preprocessor_directives(snippet) if cmd == "set"} == README_SETS
+    assert README_SETS <= DIALPLAN_OWN_VARIABLES
+
+
+def test_preprocessor_reading_runs_what_comments_hide() -> None:
+    # The model above, on the mistakes it exists to catch (the first two were in the
+    # default dialplan file of git history before issue 13).
+    text = (
+        "<!--\n"
+        "  your default.xml includes this directory with\n"
+        '      <X-PRE-PROCESS cmd="include" data="default/*.xml"/>\n'
+        "  pin the format in vars.xml:\n"
+        '      <x-pre-process CMD="set" DATA="cc360_record_ext=wav"/>\n'
+        "  mentioned as X-PRE-PROCESS, the line vanishes\n"
+        "-->\n"
+        "<include>\n"
+        '<!--#set "old_style=1"-->\n'
+        '<include><X-PRE-PROCESS cmd="set" data="never=1"/>\n'
+        '  <X-PRE-PROCESS cmd="set" data="a=1"/>\n'
+        '  <X-PRE-PROCESS cmd="set" data="b=1"/><extension name="lost"/>\n'
+        '  <X-PRE-PROCESS cmd="sett" data="c=1"/>\n'
+        "</include>\n"
+    )
+    kinds = [(line.number, line.kind, line.in_comment) for line in preprocessor_lines(text)]
+    assert kinds == [(3, "directive", True), (5, "directive", True), (6, "dropped", False),
+                     (9, "hash", True), (10, "ignored", False), (11, "directive", False),
+                     (12, "directive", False), (13, "directive", False)]
+    assert preprocessor_directives(text) == [
+        ("include", "default/*.xml"), ("set", "cc360_record_ext=wav"), ("set", "old_style=1"),
+        ("set", "a=1"), ("set", "b=1"), ("sett", "c=1")]
+    problems = preprocessor_problems(text)
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "line 3", "line 5", "line 6", "line 9", "line 10", "line 12", "line 13"]
+    assert preprocessor_problems('<X-PRE-PROCESS cmd="include" data="default/x.xml"/>') == []
+
+
 @pytest.mark.parametrize("path", sorted((CONF / "autoload_configs").glob("*.xml")),
                          ids=lambda p: p.name)
 def test_autoload_config_names_itself_after_its_file(path: pathlib.Path) -> None:
@@ -505,6 +720,25 @@ def _canonical(element: ET.Element) -> str:
     return ET.canonicalize(ET.tostring(element, encoding="unicode"), strip_text=True)
 
 
+@pytest.mark.parametrize("context", CONTEXT_DIRS)
+def test_a_second_copy_of_a_context_file_changes_nothing(context: str) -> None:
+    # The README has the admin include the file by name near the top of the context, and
+    # the stock "<context>/*.xml" include further down reads it again: that copy must be
+    # harmless. Each extension either first checks a variable it sets inline (the first
+    # copy set it while FreeSWITCH hunted, so the copy's condition fails), or only sets
+    # fixed values (the copy sets the same ones again).
+    for extension in parse_xml(CONF / "dialplan" / context / "00_cc360_record.xml"):
+        name = extension.get("name")
+        first = extension.findall("condition")[0]
+        guard = re.fullmatch(r"\$\{(\w+)\}", first.get("field", ""))
+        inline = {a.get("data", "").split("=", 1)[0] for a in actions(extension)
+                  if a.get("application") == "set" and a.get("inline") == "true"}
+        if guard and first.get("expression") == "^$" and guard.group(1) in inline:
+            continue
+        steps = [(a.get("application"), a.get("data", "")) for a in actions(extension)]
+        assert all(app == "set" and "$" not in data for app, data in steps), (context, name)
+
+
 def test_carrier_leg_tag_is_set_never_exported() -> None:
     # An exported variable is copied to the legs the channel calls: cc360_trunk exported
     # from the caller's leg would turn the agents' phones into "carrier" legs.
@@ -596,15 +830,47 @@ def test_documented_freeswitch_variables_appear_in_their_capture() -> None:
 # -- verbose-channel-events is not needed ----------------------------------------------------
 
 
-def _subscribed_events() -> set[str]:
-    events = set(DOCUMENTED_SUBSCRIPTION)
-    for module, attribute in (("fs_cc360.esl", "DEFAULT_EVENTS"),
-                              ("fs_cc360.calls", "TRACKED_EVENTS")):
-        try:
-            events |= set(getattr(importlib.import_module(module), attribute))
-        except (ImportError, AttributeError):
-            continue  # not written yet: the documented list still holds
-    return events
+def documented_subscriptions(text: str) -> list[list[str]]:
+    """The event lists a doc gives after SUBSCRIPTION_PHRASE: the run of upper-case names
+    that follows, across line breaks, comment indentation and Markdown fences or backticks."""
+    lists: list[list[str]] = []
+    for match in re.finditer(re.escape(SUBSCRIPTION_PHRASE), text):
+        names: list[str] = []
+        for token in text[match.end():].split():
+            name = token.strip("`")
+            if not name:  # a fence: the one that opens the list, or the one that closes it
+                if names:
+                    break
+                continue
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+                break
+            names.append(name)
+            if token.endswith("`") and not token.endswith("```"):
+                break  # the end of an inline code span
+        lists.append(names)
+    return lists
+
+
+@pytest.mark.parametrize("path", EVENT_LIST_DOCS, ids=lambda p: p.name)
+def test_documented_event_list_is_what_the_service_subscribes_to(path: pathlib.Path) -> None:
+    # Compared with the constant at run time: when the tracker reads a new event, this
+    # fails until the docs are regenerated.
+    lists = documented_subscriptions(path.read_text())
+    assert lists and all(lists), f"{path.name}: no list after {SUBSCRIPTION_PHRASE!r}"
+    expected = list(SUBSCRIBED_EVENTS)
+    for names in lists:
+        assert names == expected, (
+            f"{path.relative_to(ROOT)} lists {' '.join(names)}; `fs-cc360 run` subscribes to "
+            f"{' '.join(expected)}. Paste the output of {PRINT_SUBSCRIPTION} there.")
+
+
+def test_documented_event_lists_are_found_as_written() -> None:
+    text = (
+        "x subscribes to these events:\n```\nCHANNEL_A CHANNEL_B\nBACKGROUND_JOB\n```\nCHANNEL_X\n"
+        "y subscribes to these events: `CHANNEL_A\nCHANNEL_B` and CHANNEL_X\n"
+        "<!-- z subscribes to these events:\n      CHANNEL_A\n      and not CHANNEL_X -->\n")
+    assert documented_subscriptions(text) == [
+        ["CHANNEL_A", "CHANNEL_B", "BACKGROUND_JOB"], ["CHANNEL_A", "CHANNEL_B"], ["CHANNEL_A"]]
 
 
 def test_subscribed_channel_events_carry_variables_without_verbose_events() -> None:
@@ -615,14 +881,15 @@ def test_subscribed_channel_events_carry_variables_without_verbose_events() -> N
             event = parse_event(body)
             variables = sum(1 for k in event.headers() if k.startswith("variable_"))
             counts.setdefault(event.name, []).append(variables)
-    channel_events = {e for e in _subscribed_events() if e.startswith(("CHANNEL_", "RECORD_"))}
-    assert channel_events >= set(DOCUMENTED_SUBSCRIPTION) - {"BACKGROUND_JOB"}
+    subscribed = set(SUBSCRIBED_EVENTS)
+    channel_events = {e for e in subscribed if e.startswith(("CHANNEL_", "RECORD_"))}
+    assert channel_events == subscribed - {"BACKGROUND_JOB"}, "a subscribed event of a new kind"
     for name in sorted(channel_events):
         assert counts.get(name), f"{name}: no such event in the captures"
         assert min(counts[name]) > 0, f"{name} arrived without variables"
     for name in WITHOUT_VARIABLES:
         assert counts.get(name) and max(counts[name]) == 0, name
-        assert name not in _subscribed_events()
+        assert name not in subscribed
 
 
 # -- systemd units -------------------------------------------------------------------------------
