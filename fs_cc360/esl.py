@@ -40,20 +40,6 @@ from fs_cc360.events import ChannelEvent, Frame, FrameReader, parse_event
 
 log = logging.getLogger(__name__)
 
-#: What the tracker needs, nothing more (never ``all``: a busy switch emits far more).
-DEFAULT_EVENTS: tuple[str, ...] = (
-    "CHANNEL_CREATE",
-    "CHANNEL_PROGRESS",
-    "CHANNEL_PROGRESS_MEDIA",
-    "CHANNEL_ANSWER",
-    "CHANNEL_BRIDGE",
-    "CHANNEL_UNBRIDGE",
-    "CHANNEL_HANGUP_COMPLETE",
-    "RECORD_START",
-    "RECORD_STOP",
-    "BACKGROUND_JOB",
-)
-
 #: Bytes asked of the socket per read.
 RECV_BYTES = 256 * 1024
 #: A connection that stayed up this long resets the backoff; a shorter one (FreeSWITCH
@@ -88,13 +74,6 @@ def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Rand
     return base / 2 + rng.uniform(0, base / 2)
 
 
-def is_loopback(event: ChannelEvent) -> bool:
-    """Loopback legs duplicate the events of the real legs they join; the tracker skips them."""
-    if event.var("is_loopback") == "true":
-        return True
-    return (event.get("Channel-Name") or "").startswith("loopback/")
-
-
 def _check_line(what: str, value: str) -> None:
     # An ESL command is a block of lines ended by a blank line: a newline in a value would
     # let the caller add headers or whole commands (``api`` after ``bgapi``...).
@@ -125,7 +104,8 @@ class EslClient(InboundESL):
     Callbacks run in the reader greenlet and must not block (no ``api()``/``bgapi()``
     from them: their replies could only be read by that same greenlet):
 
-    * ``on_event(event)`` for each channel event, in arrival order (loopback legs dropped);
+    * ``on_event(event)`` for each channel event, in arrival order (loopback legs too: the
+      tracker follows calls through loopback pairs);
     * ``on_job(job_uuid, body)`` for each BACKGROUND_JOB (body without its trailing newline);
     * ``on_state(connected)`` on each change (``True`` once subscribed, ``False`` when lost).
 
@@ -142,7 +122,7 @@ class EslClient(InboundESL):
         port: int,
         password: str,
         *,
-        events: Sequence[str] = DEFAULT_EVENTS,
+        events: Sequence[str],
         on_event: Callable[[ChannelEvent], None],
         on_state: Callable[[bool], None] | None = None,
         on_job: Callable[[str, str], None] | None = None,
@@ -161,7 +141,9 @@ class EslClient(InboundESL):
         for name in names:
             if name.lower() == "all" or not name or any(c.isspace() for c in name):
                 raise ValueError(f"events: {name!r} is not an event name (and never 'all')")
-        #: Event names sent with ``event plain``.
+        #: Event names sent with ``event plain``. No default here: the caller says what it
+        #: reads (the service: :data:`fs_cc360.service.SUBSCRIBED_EVENTS`, the list the
+        #: FreeSWITCH docs give), never ``all``: a busy switch emits far more.
         self.events = names
         self.connect_timeout = connect_timeout
         self.backoff_initial = backoff_initial
@@ -177,12 +159,10 @@ class EslClient(InboundESL):
         self._rng = rng or random.Random()
 
         self.connected = False
-        #: ``text/event-plain`` frames parsed (channel events, BACKGROUND_JOB, loopback).
+        #: ``text/event-plain`` frames parsed (channel events, BACKGROUND_JOB).
         self.events_read = 0
         #: Frames that could not be used: malformed, unexpected, or not an event.
         self.frames_skipped = 0
-        #: Events of loopback legs, dropped.
-        self.loopback_skipped = 0
         #: Connections made after the first one.
         self.reconnects = 0
         #: Exceptions raised by the callbacks (logged, the loop goes on).
@@ -431,9 +411,6 @@ class EslClient(InboundESL):
             return
         if not event.uuid and event.name.startswith(("CHANNEL_", "RECORD_")):
             self._frame_error(FrameError(f"{event.name} without Unique-ID"))
-            return
-        if is_loopback(event):
-            self.loopback_skipped += 1
             return
         if self._stopping:
             return

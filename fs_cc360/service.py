@@ -32,6 +32,7 @@ import gevent.event
 
 from fs_cc360.calls import TRACKED_EVENTS, CallTracker, CrmEvent, TrackerConfig
 from fs_cc360.cc360 import Cc360Client
+from fs_cc360.clock import ClockOffset
 from fs_cc360.config import Settings
 from fs_cc360.crm_request import request_for
 from fs_cc360.delivery import BackoffPolicy, Deliverer
@@ -46,7 +47,10 @@ from fs_cc360.recordings import Mp3Converter, RecordingLinks
 log = logging.getLogger(__name__)
 
 #: Events the service subscribes to: what the tracker reads, plus click-to-call results.
-SUBSCRIBED_EVENTS = (*TRACKED_EVENTS, "BACKGROUND_JOB")
+#: The one list: freeswitch_conf/README.md and switch.conf.xml.snippet copy it, and
+#: tests/test_freeswitch_conf.py fails until they equal the output of
+#: ``python -c 'from fs_cc360.service import SUBSCRIBED_EVENTS; print(*SUBSCRIBED_EVENTS)'``.
+SUBSCRIBED_EVENTS: tuple[str, ...] = (*TRACKED_EVENTS, "BACKGROUND_JOB")
 #: Events kept in memory while the outbox cannot be written, before the oldest are
 #: dropped (loudly): about 60 MB, hours of a busy PBX.
 SPOOL_LIMIT = 200_000
@@ -81,8 +85,14 @@ def recording_links(settings: Settings) -> RecordingLinks | None:
     )
 
 
-def new_item(event: CrmEvent, links: RecordingLinks | None) -> NewItem:
-    """The outbox row for one CC360 event."""
+def new_item(event: CrmEvent, links: RecordingLinks | None,
+             read_at: float | None = None) -> NewItem:
+    """The outbox row for one CC360 event.
+
+    ``read_at``: when the connector read the FreeSWITCH event that produced it (its own
+    clock). A popup's age (``realtime_ttl``) counts from then, never from FreeSWITCH's
+    timestamp: the two clocks need not agree.
+    """
     link = None
     if links is not None:
         def link(path: str) -> str:
@@ -95,8 +105,9 @@ def new_item(event: CrmEvent, links: RecordingLinks | None) -> NewItem:
     request = request_for(event, link)
     if request.body and "FILES" in request.body:
         request.body["FILES"] = [url for url in request.body["FILES"] if url]
+    event_at = read_at if read_at is not None and event.realtime else event.at
     return NewItem(call_key=event.call_id, kind=event.kind, request=request, user=event.user,
-                   callerid=event.callerid, event_at=event.at)
+                   callerid=event.callerid, event_at=event_at)
 
 
 def crm_client(settings: Settings, lanes: int | None = None) -> Cc360Client:
@@ -125,6 +136,7 @@ class Service:
         self.clock = clock
         self.metrics = Metrics()
         self.tracker = CallTracker(tracker_config(settings))
+        self.clock_offset = ClockOffset()
         self.links = recording_links(settings)
         self.outbox = OutboxWriter(settings.outbox.database,
                                    synchronous=settings.outbox.synchronous)
@@ -161,7 +173,11 @@ class Service:
 
     def _on_event(self, event: ChannelEvent) -> None:
         self.metrics.esl_event()
-        self._accept(self.tracker.feed(event, now=self.clock()))
+        read_at = self.clock()
+        changed = self.clock_offset.observe(event.timestamp, read_at)
+        if changed is not None:
+            self.metrics.clock(self.clock_offset.offset, changed)
+        self._accept(self.tracker.feed(event, now=read_at), read_at)
 
     def _on_job(self, job_uuid: str, body: str) -> None:
         self.makecall.on_job_result(job_uuid, body)
@@ -169,7 +185,7 @@ class Service:
     def _on_esl_state(self, connected: bool) -> None:
         self.metrics.esl_state(connected)
 
-    def _accept(self, events: list[CrmEvent]) -> None:
+    def _accept(self, events: list[CrmEvent], read_at: float | None = None) -> None:
         if not events:
             return
         spool = self._spool
@@ -179,7 +195,7 @@ class Service:
                      event.kind, event.user, event.callerid,
                      f" direction={event.direction} duration={event.duration}"
                      f" files={len(event.files)}" if event.kind == "summary" else "")
-            spool.items.append(new_item(event, self.links))
+            spool.items.append(new_item(event, self.links, read_at))
         while len(spool.items) > SPOOL_LIMIT:
             lost = spool.items.popleft()
             spool.dropped += 1
@@ -240,8 +256,9 @@ class Service:
         last_purge = 0.0
         while not self._stop.wait(TICK_SECONDS):
             now = self.clock()
+            self.metrics.clock(self.clock_offset.offset, self.clock_offset.skewed)
             try:
-                self._accept(self.tracker.tick(now))
+                self._accept(self.tracker.tick(now), now)
             except Exception:  # a rule bug must not stop the service
                 log.exception("calls.tick_failed")
             if now - last_health >= HEALTH_SECONDS:
@@ -319,7 +336,7 @@ class Service:
         if self.web_server is not None:
             self.web_server.stop(timeout=2)
         # Summaries still waiting for a partner leg go out now rather than never.
-        self._accept(self.tracker.flush())
+        self._accept(self.tracker.flush(), self.clock())
         self._stop.set()
         self._spool.wake.set()
         gevent.joinall(self._greenlets, timeout=timeout)

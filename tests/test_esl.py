@@ -11,8 +11,9 @@ import gevent
 import pytest
 
 from fs_cc360.errors import EslCommandError, EslConnectionError, EslError
-from fs_cc360.esl import AUTH_REFUSED_HINT, DEFAULT_EVENTS, REJECTED_HINT, EslClient, backoff_delay
+from fs_cc360.esl import AUTH_REFUSED_HINT, REJECTED_HINT, EslClient, backoff_delay
 from fs_cc360.events import ChannelEvent, parse_event
+from fs_cc360.service import SUBSCRIBED_EVENTS
 from fs_cc360.simulators import wait_until
 from tests.fakes.captures import SCENARIOS, capture_frames, event_frame, interleave, remap
 from tests.fakes.esl import (
@@ -77,6 +78,7 @@ def make_client() -> Iterator[Callable[..., tuple[EslClient, Recorder]]]:
              **kwargs: object) -> tuple[EslClient, Recorder]:
         rec = Recorder()
         options: dict[str, object] = dict(
+            events=SUBSCRIBED_EVENTS,  # what `fs-cc360 run` subscribes to
             on_event=rec.on_event, on_job=rec.on_job, on_state=rec.on_state,
             on_reconnect=rec.on_reconnect, backoff_initial=0.05, backoff_max=0.5,
             connect_timeout=2.0, command_timeout=5.0, rng=random.Random(1),
@@ -103,7 +105,7 @@ def connected(fake: FakeFreeSwitch, client: EslClient) -> None:
 def test_connects_authenticates_and_subscribes_to_named_events(fs, make_client) -> None:
     client, rec = make_client(fs)
     connected(fs, client)
-    assert fs.commands == ["auth ClueCon", "event plain " + " ".join(DEFAULT_EVENTS)]
+    assert fs.commands == ["auth ClueCon", "event plain " + " ".join(SUBSCRIBED_EVENTS)]
     assert "all" not in fs.commands[1].lower().split()
     assert rec.states == [True]
     assert client.reconnects == 0
@@ -116,6 +118,8 @@ def test_the_service_may_choose_the_events_but_never_all(fs, make_client) -> Non
     for bad in (["all"], ["ALL"], [], ["CHANNEL_ANSWER CHANNEL_CREATE"], ["X\nY"], [""]):
         with pytest.raises(ValueError):
             EslClient("127.0.0.1", 1, "x", events=bad, on_event=print)
+    with pytest.raises(TypeError):  # no default list: the caller names what it reads
+        EslClient("127.0.0.1", 1, "x", on_event=print)  # type: ignore[call-arg]
 
 
 def test_stop_sends_exit_and_never_reconnects(fs, make_client) -> None:
@@ -149,10 +153,10 @@ def test_stop_while_freeswitch_is_down_returns_promptly(make_client) -> None:
 
 # -- replaying captures --------------------------------------------------------------------
 
-@pytest.mark.parametrize("subscription", ["default", "capture"])
+@pytest.mark.parametrize("subscription", ["service", "capture"])
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_replayed_capture_arrives_in_order(fs, make_client, name: str, subscription: str) -> None:
-    events = DEFAULT_EVENTS if subscription == "default" else tuple(CAPTURE_EVENTS)
+    events = SUBSCRIBED_EVENTS if subscription == "service" else tuple(CAPTURE_EVENTS)
     client, rec = make_client(fs, events=events)
     connected(fs, client)
     bodies = capture_frames(name)
@@ -188,22 +192,20 @@ def test_several_calls_interleaved_on_one_connection(fs, make_client) -> None:
     assert rec.keys() == expected
 
 
-def test_loopback_events_are_dropped_and_counted(fs, make_client) -> None:
+def test_loopback_events_reach_the_tracker(fs, make_client) -> None:
+    """Loopback halves are passed on like any leg: the tracker follows calls through
+    them (r1) and never makes them agent legs."""
     client, rec = make_client(fs)
     connected(fs, client)
     create = next(b for b in capture_frames("a_inbound_answered_caller_hangup")
                   if event_name(b) == "CHANNEL_CREATE")
     (real,) = remap([create], seed=1)
-    (flagged,) = remap([create], seed=2)
-    flagged = flagged.replace(b"\n\n", b"\nvariable_is_loopback: true\n\n")
     (named,) = remap([create], seed=3)
     named = re.sub(rb"\nChannel-Name: [^\n]*", b"\nChannel-Name: loopback/101-a", named)
-    fs.push_events([flagged, real, named, real])
+    fs.push_events([real, named])
     assert wait_until(lambda: len(rec.events) >= 2)
-    gevent.sleep(0.05)
-    assert [e.uuid for e in rec.events] == [parse_event(real).uuid] * 2
-    assert client.loopback_skipped == 2
-    assert client.events_read == 4
+    assert [e.uuid for e in rec.events] == [parse_event(real).uuid, parse_event(named).uuid]
+    assert client.events_read == 2
 
 
 def test_a_failing_callback_does_not_stop_the_reader(fs, make_client) -> None:
@@ -217,7 +219,7 @@ def test_a_failing_callback_does_not_stop_the_reader(fs, make_client) -> None:
     client, _ = make_client(fs, on_event=on_event)
     connected(fs, client)
     bodies = capture_frames("a_inbound_answered_caller_hangup")
-    expected = [k[0] for k in expected_keys(bodies, DEFAULT_EVENTS)]
+    expected = [k[0] for k in expected_keys(bodies, SUBSCRIBED_EVENTS)]
     fs.push_events(bodies)
     assert wait_until(lambda: len(seen) >= len(expected))
     assert seen == expected
@@ -392,7 +394,7 @@ def test_reconnects_after_drop_and_refusal(make_client, caplog) -> None:
         client, rec = make_client(fake, backoff_initial=0.05, backoff_max=0.5)
         connected(fake, client)
         bodies = [b for b in remap(capture_frames("l_blind_transfer_101_to_102"), seed=4)
-                  if event_name(b) in DEFAULT_EVENTS]
+                  if event_name(b) in SUBSCRIBED_EVENTS]
         half = len(bodies) // 2
         first, second = bodies[:half], bodies[half:]
         fake.push_events(first)
@@ -429,7 +431,8 @@ def test_reconnects_after_a_disconnect_notice(fs, make_client) -> None:
     assert wait_until(lambda: client.reconnects == 1 and client.connected)
     assert fs.connections == 2
     fs.replay("a_inbound_answered_caller_hangup")
-    expected = expected_keys(capture_frames("a_inbound_answered_caller_hangup"), DEFAULT_EVENTS)
+    expected = expected_keys(capture_frames("a_inbound_answered_caller_hangup"),
+                             SUBSCRIBED_EVENTS)
     assert wait_until(lambda: len(rec.events) == len(expected))
 
 

@@ -237,7 +237,7 @@ def esl_to_fake(bgapi_result: Callable[[str], str] | None = None
     kwargs = {"bgapi_result": bgapi_result} if bgapi_result else {}
     with FakeFreeSwitch(**kwargs) as fs:
         client = EslClient(
-            fs.host, fs.port, "ClueCon",
+            fs.host, fs.port, "ClueCon", events=("BACKGROUND_JOB",),
             on_event=lambda event: None,
             on_job=lambda job, body: holder["mc"].on_job_result(job, body) if holder else None,
             backoff_initial=0.05, backoff_max=0.2, connect_timeout=2.0, command_timeout=5.0,

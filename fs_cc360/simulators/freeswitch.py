@@ -212,7 +212,8 @@ class FakeFreeSwitch:
     """See the module docstring. Use as a context manager::
 
         with FakeFreeSwitch() as fs:
-            client = EslClient(fs.host, fs.port, "ClueCon", on_event=...)
+            client = EslClient(fs.host, fs.port, "ClueCon", events=SUBSCRIBED_EVENTS,
+                               on_event=...)
             ...
             fs.replay("a_inbound_answered_caller_hangup")
     """
