@@ -475,6 +475,18 @@ class WebapiSettings:
 
 
 @dataclass(frozen=True)
+class BackfillSettings:
+    """``[backfill]``: automatic catch-up from mod_json_cdr's files after a gap."""
+
+    #: mod_json_cdr's log directory (``log-dir``); empty: no automatic catch-up
+    #: (``fs-cc360 backfill DIR`` still works by hand).
+    cdr_dir: Path | None = _key(None, _optional_path)
+    #: After a gap, legs that ended since the last event read before it, less this, are
+    #: read (the margin covers a crash between two saves of that time).
+    margin: float = _key(120.0, _seconds(allow_zero=True))
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """``[logging]``: set up by ``service.py`` / ``cli.py`` only."""
 
@@ -490,13 +502,14 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("delivery", DeliverySettings),
     ("calls", CallsSettings),
     ("webapi", WebapiSettings),
+    ("backfill", BackfillSettings),
     ("logging", LoggingSettings),
 )
 #: The free-form section: SIP user -> digit extension.
 EXTENSIONS = "extensions"
 _SECTION_CLASSES = dict(SECTIONS)
 _SECTION_ORDER = ("freeswitch", "crm", "outbox", "delivery", "calls", EXTENSIONS, "webapi",
-                  "logging")
+                  "backfill", "logging")
 
 
 def _format(value: Any) -> str:
@@ -552,6 +565,7 @@ class Settings:
     #: ``[extensions]``: SIP user -> digit extension (``alice = 101``).
     extensions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     webapi: WebapiSettings = field(default_factory=WebapiSettings)
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     #: ``"section.key"`` -> where the effective value came from (missing: default).
     sources: Mapping[str, ValueSource] = field(

@@ -424,6 +424,8 @@ class Outbox:
         self._sync_now = sync  # the connection's current level
         self.busy_timeout_ms = int(busy_timeout_ms)
         self._clock = clock
+        #: Summaries :meth:`enqueue` left out because their call already had one.
+        self.summaries_skipped = 0
         pragmas = [
             ("journal_mode", "wal"),
             ("synchronous", sync),
@@ -570,7 +572,14 @@ class Outbox:
     # -- writes -----------------------------------------------------------------------
 
     def enqueue(self, items: Sequence[NewItem], *, now: float | None = None) -> list[int]:
-        """Commit ``items`` in one transaction; returns their ids, in order."""
+        """Commit ``items`` in one transaction; returns their ids, in order.
+
+        A call holds one summary, ever: a ``summary`` whose ``call_key`` already has one
+        (in any status) is not written again, and its place in the returned list holds
+        the existing row's id. The live tracker, the automatic CDR catch-up and a manual
+        backfill may all find the same call; checked inside the write transaction, so
+        two writers (processes) cannot both add it.
+        """
         if not items:
             return []
         now = self._now(now)
@@ -581,6 +590,18 @@ class Outbox:
             cursor = self._db.cursor()
             open_keys: set[str] = set()
             for item in items:
+                if item.kind == "summary":
+                    held = cursor.execute(
+                        "SELECT id FROM outbox WHERE call_key = ? AND kind = 'summary' LIMIT 1",
+                        (item.call_key,),
+                    ).fetchone()
+                    if held is not None:
+                        log.info("outbox.summary_held call=%s id=%d: this call's summary is "
+                                 "already in the outbox, not added again", item.call_key,
+                                 held[0])
+                        self.summaries_skipped += 1
+                        ids.append(held[0])
+                        continue
                 if item.call_key in open_keys:
                     head = False
                 else:

@@ -15,7 +15,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -23,8 +22,9 @@ import pytest
 from fs_cc360 import backfill as bf
 from fs_cc360.calls import CallTracker, CrmEvent, TrackerConfig
 from fs_cc360.crm_request import CrmRequest, request_for
-from fs_cc360.events import ChannelEvent, parse_event
+from fs_cc360.events import parse_event
 from fs_cc360.outbox import NewItem, Outbox, OutboxStatus
+from fs_cc360.simulators.switch import cdr_from_hangup
 from tests.fakes.captures import CAPTURES, SCENARIOS, capture_frames
 
 JSON_CDR = CAPTURES / "json_cdr"
@@ -72,38 +72,6 @@ def requests(events: list[CrmEvent]) -> list[str]:
 
 def legs_of(directory: Path) -> list[bf.CdrLeg]:
     return [bf.read_cdr(p) for p in sorted(directory.glob("*.json"))]
-
-
-def cdr_from_hangup(event: ChannelEvent, recordings: list[tuple[int, str]],
-                    encoded: bool = True) -> dict[str, Any]:
-    """A mod_json_cdr document for one leg, from its CHANNEL_HANGUP_COMPLETE."""
-    headers = event.headers()
-    variables = {k[len("variable_"):]: (quote(v, safe="") if encoded else v)
-                 for k, v in headers.items() if k.startswith("variable_")}
-    profile = {
-        "username": headers.get("Caller-Username", ""),
-        "caller_id_name": headers.get("Caller-Caller-ID-Name", ""),
-        "caller_id_number": headers.get("Caller-Caller-ID-Number", ""),
-        "ani": headers.get("Caller-ANI", ""),
-        "destination_number": headers.get("Caller-Destination-Number", ""),
-        "uuid": headers["Unique-ID"],
-        "context": headers.get("Caller-Context", ""),
-        "chan_name": headers.get("Channel-Name", ""),
-    }
-    other_type = headers.get("Other-Type")
-    if other_type in ("originator", "originatee"):
-        profile[other_type] = {f"{other_type}_caller_profiles": [
-            {"uuid": headers["Other-Leg-Unique-ID"]}]}
-    apps = [{"app_name": "record_session", "app_data": path, "app_stamp": str(at)}
-            for at, path in recordings]
-    return {
-        "core-uuid": headers.get("Core-UUID", ""),
-        "channel_data": {"direction": headers.get("Call-Direction", "")},
-        "variables": variables,
-        "app_log": {"applications": apps},
-        "callflow": [{"profile_index": "1", "caller_profile": profile,
-                      "times": {"hangup_time": headers["Event-Date-Timestamp"]}}],
-    }
 
 
 def generate_cdr_dir(scenario: str, directory: Path, encoded: bool = True) -> Path:

@@ -277,6 +277,7 @@ BAD_VALUES = [
     ("calls", "national_prefix", "8-7", "digits:digits"),
     ("calls", "recording_variable", "variable name", "channel variable"),
     ("calls", "summary_wait", "-1", ">= 0"),
+    ("backfill", "margin", "-5", ">= 0"),
     ("webapi", "enabled", "sure", "true or false"),
     ("webapi", "listen", "8080", "host:port"),
     ("webapi", "listen", "::1:8080", "IPv6 addresses go in []"),
@@ -322,7 +323,7 @@ def test_every_key_has_a_failing_case() -> None:
     checked = {f"{s}.{k}" for s, k, _, _ in BAD_VALUES}
     # Free text: anything goes (login, passwords, secrets; optional paths checked jointly).
     free = {"crm.login", "crm.password", "crm.ca_bundle", "webapi.recording_secret",
-            "webapi.tls_cert", "webapi.tls_key"}
+            "webapi.tls_cert", "webapi.tls_key", "backfill.cdr_dir"}
     every = {f"{s}.{k}" for s, keys in defaults_table().items() for k in keys}
     assert every - free == checked
 
@@ -535,7 +536,7 @@ def test_dump_lists_the_defaults_table() -> None:
     dump = Settings().dump(masked=False)
     assert dump == defaults_table()
     assert list(dump) == ["freeswitch", "crm", "outbox", "delivery", "calls", "extensions",
-                          "webapi", "logging"]
+                          "webapi", "backfill", "logging"]
 
 
 # --------------------------------------------------------------------------- example file

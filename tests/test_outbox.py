@@ -47,6 +47,20 @@ class OutboxContract:
         assert box.get(999_999) is None
         assert box.enqueue([], now=T0) == []
 
+    def test_a_call_holds_one_summary_ever(self, box: Any) -> None:
+        """Live tracker, CDR catch-up and backfill may find the same call: its summary is
+        written once (also within one batch, and after the first was delivered); other
+        kinds are not affected."""
+        first = box.enqueue([item("a", "ringing"), item("a", "summary")], now=T0)
+        again = box.enqueue([item("a", "summary"), item("b", "summary"),
+                             item("b", "summary"), item("a", "hangup")], now=T0)
+        assert again[0] == first[1] and again[1] == again[2]
+        assert sorted(keys(box.list_rows(limit=None))) == [
+            ("a", "hangup"), ("a", "ringing"), ("a", "summary"), ("b", "summary")]
+        box.mark_delivered(first[1], 200, now=T0 + 1)
+        assert box.enqueue([item("a", "summary")], now=T0 + 2) == [first[1]]
+        assert sum(1 for r in box.list_rows(limit=None) if r.kind == "summary") == 2
+
     def test_claim_returns_only_the_head_of_each_key(self, box: Any) -> None:
         box.enqueue([item("a", "ringing"), item("b", "ringing"), item("a", "answer"),
                      item("a", "hangup"), item("b", "summary")], now=T0)

@@ -10,6 +10,8 @@ It speaks the protocol as the real captures (tests/captures/*.esl) show it:
   client gets the events pushed with :meth:`FakeFreeSwitch.push_events` whose
   ``Event-Name`` it subscribed to (FreeSWITCH never sends the others);
 * ``api <cmd>``: ``api/response`` with ``Content-Length`` and ``api_result(cmd)`` as body;
+  ``show channels as json`` and ``uuid_dump <uuid> json`` are answered from the channels
+  of the calls played with :meth:`FakeFreeSwitch.play` (:mod:`fs_cc360.simulators.switch`);
 * ``bgapi <cmd>`` (optional ``Job-UUID:`` header): ``+OK Job-UUID: <uuid>`` with a
   ``Job-UUID`` header, then, ``bgapi_delay`` seconds later, a BACKGROUND_JOB event
   (URL-encoded headers, ``Content-Length`` body = ``bgapi_result(cmd)``) to every client
@@ -41,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from fs_cc360.simulators import wait_until
 from fs_cc360.simulators.captures import demo_frames, event_frame
+from fs_cc360.simulators.switch import SwitchState
 
 DISCONNECT_BODY = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
 REJECTION_BODY = b"Access Denied, go away.\n"
@@ -178,7 +181,8 @@ class _Session:
             self.subscribed = (self.subscribed or set()) | {n.upper() for n in names.split()}
             self.send(_reply(f"+OK event listener enabled {fmt}"))
         elif verb == "api":
-            body = server.api_result(arg).encode("utf-8")
+            known = server.switch.api(arg)
+            body = (known if known is not None else server.api_result(arg)).encode("utf-8")
             self.send(b"Content-Type: api/response\nContent-Length: %d\n\n%s" % (len(body), body))
         elif verb == "bgapi":
             job = headers.get("Job-UUID") or str(uuid.uuid4())
@@ -230,6 +234,7 @@ class FakeFreeSwitch:
         api_result: Callable[[str], str] = _default_api_result,
         bgapi_result: Callable[[str], str] = _default_bgapi_result,
         bgapi_delay: float = 0.01,
+        cdr_dir: str | None = None,
     ) -> None:
         self.password = password
         self.host = host
@@ -239,6 +244,9 @@ class FakeFreeSwitch:
         #: A bgapi job's result; a newline is added when missing, as FreeSWITCH has one.
         self.bgapi_result = bgapi_result
         self.bgapi_delay = bgapi_delay
+        #: The channels up now, from every event played (see :meth:`play`); answers
+        #: ``show channels as json`` and ``uuid_dump``, writes CDR files to ``cdr_dir``.
+        self.switch = SwitchState(cdr_dir)
         #: Every command block received, in order (``"auth ClueCon"``, ``"event plain ..."``).
         self.commands: list[str] = []
         #: Connections accepted so far.
@@ -376,6 +384,15 @@ class FakeFreeSwitch:
             if wire and session.send(b"".join(wire)):
                 sent += len(wire)
         return sent
+
+    def play(self, bodies: Iterable[bytes]) -> int:
+        """The calls happen on this switch: its channel state (and CDR files) follow every
+        event, and the events go to the clients subscribed to them, if any is connected.
+        Returns the number of frames written (all clients)."""
+        bodies = list(bodies)
+        for body in bodies:
+            self.switch.apply(body)
+        return self.push_events(bodies)
 
     def replay(self, name_or_bodies: str | Iterable[bytes]) -> int:
         """Push a capture's events (by scenario name) or the given bodies."""
