@@ -163,6 +163,9 @@ class CdrLeg:
     #: What a CHANNEL_BRIDGE on its partner says about it (``Other-Leg-*`` headers).
     other_leg: tuple[tuple[str, str], ...] = ()
     source: Path | None = None  #: the file it was read from
+    #: Every leg this one names (originator, bridge, loopback pair, queue member session,
+    #: legs it originated): which legs make one call, after a gap (fs_cc360.resync).
+    links: tuple[str, ...] = ()
 
     def event(self, name: str, at_us: int, extra: str = "") -> ChannelEvent:
         head = f"Event-Name: {name}\nEvent-Date-Timestamp: {at_us}\n{extra}{self.headers}"
@@ -293,7 +296,25 @@ def parse_cdr(data: Any, *, source: str = "") -> CdrLeg:
                   bridged_to=bridged_to if bridged_to and bridged_to != uuid else None,
                   bridged_us=bridged_us if bridged_us and bridged_us <= end_us else None,
                   originator=originator if originator and originator != uuid else None,
-                  other_leg=other_leg)
+                  other_leg=other_leg,
+                  links=tuple(u for u in dict.fromkeys(_links(var)) if u and u != uuid))
+
+
+#: Variables that name another leg of the same call.
+LINK_VARIABLES = ("originator", "bridge_uuid", "last_bridge_to", "signal_bond",
+                  "other_loopback_leg_uuid", "other_loopback_from_uuid",
+                  "loopback_from_uuid", "cc_member_session_uuid")
+
+
+def _links(var: Callable[[str], str | None]) -> Iterator[str]:
+    for name in LINK_VARIABLES:
+        value = var(name)
+        if value:
+            yield value
+    for item in (var("originated_legs") or "").removeprefix("ARRAY::").split("|:"):
+        uuid = item.split(";", 1)[0]
+        if uuid:
+            yield uuid
 
 
 def _valid_name(name: Any) -> bool:

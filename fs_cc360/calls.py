@@ -264,8 +264,9 @@ class CallTracker:
         self._dependents: dict[str, dict[str, None]] = {}  # leg -> parts waiting on it
         #: leg not heard of yet -> agent legs classified without it
         self._unclassified: dict[str, dict[str, None]] = {}
-        #: leg not heard of yet -> (agent leg, time) bridged to it, to judge once it is
-        self._joins: dict[str, list[tuple[str, float]]] = {}
+        #: leg not heard of yet -> (agent leg, its peer, time) of bridges with it, to
+        #: judge once it is
+        self._joins: dict[str, list[tuple[str, str, float]]] = {}
         self._order = 0
 
     # -- public interface ---------------------------------------------------------
@@ -310,6 +311,16 @@ class CallTracker:
         for part in list(self._due.values()):
             self._emit_summary(part, out)
         return out
+
+    def knows(self, uuid: str) -> bool:
+        """Whether events of this leg itself were heard (a resync leaves such legs be)."""
+        leg = self._legs.get(uuid)
+        return leg is not None and leg.profiled
+
+    def open_legs(self) -> set[str]:
+        """Legs heard of that have not completed: after a gap, those FreeSWITCH no longer
+        has ended while nobody listened."""
+        return {uuid for uuid, leg in self._legs.items() if not leg.complete}
 
     @property
     def active_legs(self) -> int:
@@ -549,10 +560,13 @@ class CallTracker:
                 self._classify_part(part)
                 if part.leg.complete and not part.waits_for:
                     self._agent_leg_done(part, part.leg.ended_at or at, now, out)
-        for uuid, bridged_at in self._joins.pop(leg.uuid, ()):
-            part = self._parts.get(uuid)
+        for agent_uuid, peer_uuid, bridged_at in self._joins.pop(leg.uuid, ()):
+            agent, peer = self._legs.get(agent_uuid), self._legs.get(peer_uuid)
+            if agent is None or peer is None or not (agent.profiled and peer.profiled):
+                continue
+            part = self._part(agent)
             if part is not None and not part.done:
-                self._joined(part, leg, bridged_at, out)
+                self._joined(part, peer, bridged_at, out)
 
     def _settle_unclassified(self, part: _Part, now: float, out: list[CrmEvent]) -> None:
         """The leg ``part`` hangs on never came: take the best guess as it is."""
@@ -666,13 +680,12 @@ class CallTracker:
         leg.bridged_at = leg.bridged_at or at
         other.bridged_at = other.bridged_at or at
         for agent, peer in ((leg, other), (other, leg)):
-            part = self._part(agent)
-            if part is None:
+            if not other.profiled:  # not heard of (restart, backfill): judge once it is
+                self._joins.setdefault(other.uuid, []).append((agent.uuid, peer.uuid, at))
                 continue
-            if peer.profiled:
+            part = self._part(agent)
+            if part is not None:
                 self._joined(part, peer, at, out)
-            else:  # a leg not heard of (restart, backfill): judge once it is
-                self._joins.setdefault(peer.uuid, []).append((agent.uuid, at))
 
     def _joined(self, part: _Part, peer: _Leg, at: float, out: list[CrmEvent]) -> None:
         """``part``'s agent leg is now bridged to ``peer``: pickups, transfers and API
@@ -1028,6 +1041,8 @@ def _tried_order(part: _Part) -> int:
 
 _HANDLERS = {
     "CHANNEL_CREATE": CallTracker._on_create,
+    # uuid_dump's event (fs_cc360.resync): a channel first heard of in the middle of it
+    "CHANNEL_DATA": CallTracker._on_create,
     "CHANNEL_ORIGINATE": CallTracker._on_create,
     "CHANNEL_PROGRESS": CallTracker._on_progress,
     "CHANNEL_PROGRESS_MEDIA": CallTracker._on_progress,
@@ -1039,7 +1054,8 @@ _HANDLERS = {
 }
 
 #: Events the tracker uses: subscribe to these (and BACKGROUND_JOB for click-to-call).
-TRACKED_EVENTS = tuple(_HANDLERS)
+#: CHANNEL_DATA is not one: the connector builds it from ``uuid_dump`` after a gap.
+TRACKED_EVENTS = tuple(name for name in _HANDLERS if name != "CHANNEL_DATA")
 
 
 

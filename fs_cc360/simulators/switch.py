@@ -80,6 +80,7 @@ class SwitchState:
     def __init__(self, cdr_dir: str | os.PathLike[str] | None = None) -> None:
         self.cdr_dir = Path(cdr_dir) if cdr_dir is not None else None
         self._channels: dict[str, _Channel] = {}
+        self._ended: set[str] = set()  # a hung-up channel's last events recreate nothing
         self._lock = threading.Lock()
         #: CDR files written so far.
         self.cdr_files: list[Path] = []
@@ -91,19 +92,15 @@ class SwitchState:
         if not uuid or not event.name.startswith(("CHANNEL_", "RECORD_")):
             return
         with self._lock:
-            if event.name in ("CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY"):
+            if uuid in self._ended:
+                return
+            if event.name == "CHANNEL_HANGUP_COMPLETE":
                 channel = self._channels.pop(uuid, None)
-                if event.name == "CHANNEL_HANGUP_COMPLETE":
-                    self._write_cdr(event, channel.recordings if channel else [])
+                self._ended.add(uuid)
+                self._write_cdr(event, channel.recordings if channel else [])
                 return
             channel = self._channels.get(uuid)
             if channel is None:
-                if event.name not in ("CHANNEL_CREATE", "CHANNEL_OUTGOING",
-                                      "CHANNEL_ORIGINATE", "CHANNEL_STATE",
-                                      "CHANNEL_CALLSTATE", "CHANNEL_PROGRESS",
-                                      "CHANNEL_PROGRESS_MEDIA", "CHANNEL_ANSWER",
-                                      "CHANNEL_BRIDGE", "RECORD_START"):
-                    return
                 channel = self._channels[uuid] = _Channel(uuid)
             headers = event.headers()
             if any(k.startswith("variable_") for k in headers):
