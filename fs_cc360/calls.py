@@ -117,6 +117,9 @@ from fs_cc360.numbers import NumberRules
 log = logging.getLogger(__name__)
 
 REALTIME_KINDS = ("ringing", "answer", "hangup")
+#: Seconds a missed-call decision waits after the call's legs ended, for legs that ended
+#: in the same clock tick and are read a moment later.
+MISSED_SETTLE = 0.5
 
 #: Channel variables the tracker reads (the freeswitch_conf tests check each is set
 #: by FreeSWITCH itself or by the shipped dialplan / click-to-call originate).
@@ -565,8 +568,14 @@ class CallTracker:
             if agent is None or peer is None or not (agent.profiled and peer.profiled):
                 continue
             part = self._part(agent)
-            if part is not None and not part.done:
-                self._joined(part, peer, bridged_at, out)
+            if part is None or (part.done and self._reported(part)):
+                continue
+            kind = part.kind
+            self._joined(part, peer, bridged_at, out)
+            if part.done and part.kind != kind and part.leg.complete:
+                # ended before the bridge told what it was (a pickup's own leg, p1)
+                part.done = False
+                self._agent_leg_done(part, part.leg.ended_at or at, now, out)
 
     def _settle_unclassified(self, part: _Part, now: float, out: list[CrmEvent]) -> None:
         """The leg ``part`` hangs on never came: take the best guess as it is."""
@@ -754,9 +763,13 @@ class CallTracker:
         if leg.answered_at is None and answered_epoch:
             leg.answered_at = float(answered_epoch)
         if leg.progress_at is None:
+            progress_us = _int(event.var("progress_uepoch")) or _int(
+                event.var("progress_media_uepoch"))
             progress_epoch = _int(event.var("progress_epoch")) or _int(
                 event.var("progress_media_epoch"))
-            if progress_epoch:
+            if progress_us:
+                leg.progress_at = progress_us / 1_000_000
+            elif progress_epoch:
                 leg.progress_at = float(progress_epoch)
         bridge_epoch = _int(event.var("bridge_epoch"))
         if leg.bridged_at is None and bridge_epoch:
@@ -809,7 +822,8 @@ class CallTracker:
             self._wait_for_summary(part, now, out)
         elif part.group in self._groups_done:
             part.done = True  # its call was decided without it (forced after a wait)
-        # other unanswered incoming parts wait for the missed-call decision of their call
+        elif part.group:  # unanswered: the missed-call decision of its call
+            self._decide_missed(part.group, now, out)
 
     # -- summaries -----------------------------------------------------------------
 
@@ -940,13 +954,22 @@ class CallTracker:
         if caller is None or not caller.complete:
             return
         parts = [p for p in self._groups.get(group, ()) if p.kind in ("incoming", "internal_in")]
+        taken = any(p.leg.answered_at or p.leg.hangup_cause == "PICKED_OFF" for p in parts)
         if not force:
-            pending = [p for p in parts if not p.leg.complete or p.waits_for] or [
-                uuid for uuid in self._closure(caller, self._linked)
-                if not (self._legs.get(uuid) and self._legs[uuid].complete)]
-            if pending or not parts:
-                if pending or caller.originated:
-                    self._groups_due.setdefault(group, now + self.config.summary_wait)
+            pending = any(not p.leg.complete or p.waits_for for p in parts) or any(
+                not (self._legs.get(uuid) and self._legs[uuid].complete)
+                for uuid in self._closure(caller, self._linked))
+            if pending or (not parts and caller.originated):
+                self._groups_due.setdefault(group, now + self.config.summary_wait)
+                return
+            if not parts:
+                return
+            if not taken:
+                # A missed call: first let the legs that ended in the same tick come in
+                # (a queue's caller names none of its agent legs, q1).
+                due = self._groups_due.get(group)
+                self._groups_due[group] = min(due, now + MISSED_SETTLE) if due else (
+                    now + MISSED_SETTLE)
                 return
         self._groups_due.pop(group, None)
         if not parts:
@@ -956,7 +979,6 @@ class CallTracker:
         done = [p for p in parts if p.leg.complete]
         unanswered = [p for p in done if not p.leg.answered_at]
         # intercept ends the picked-off leg PICKED_OFF: somebody took the call (p1)
-        taken = any(p.leg.answered_at or p.leg.hangup_cause == "PICKED_OFF" for p in parts)
         if not taken:
             for p in self._missed_parts(parts):
                 self._emit_summary(p, out)
@@ -968,8 +990,8 @@ class CallTracker:
         if mode == "none":
             return []
         reported = [p for p in parts if self._reported(p) and p.leg.complete]
-        rang = sorted((p for p in reported if p.rang_at is not None),
-                      key=lambda p: (p.rang_at, p.order))
+        rang = sorted((p for p in reported if _rang_at(p) is not None),
+                      key=lambda p: (_rang_at(p), p.order))
         chosen = rang or sorted(reported, key=_tried_order)
         return chosen if mode == "all" else chosen[:1]
 
@@ -1037,6 +1059,12 @@ def _bridged_or_placed(leg: _Leg) -> list[str]:
 
 def _tried_order(part: _Part) -> int:
     return part.order
+
+
+def _rang_at(part: _Part) -> float | None:
+    """When the agent's phone began to ring: its first progress event, or for a leg
+    first heard of at its end (restart, backfill) its ``progress_uepoch``."""
+    return part.rang_at if part.rang_at is not None else part.leg.progress_at
 
 
 _HANDLERS = {

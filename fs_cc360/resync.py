@@ -143,12 +143,16 @@ class GapPlan:
     """What to do after a gap, from FreeSWITCH's channels and the CDR files of legs that
     ended since the last event read before it (see :func:`plan_gap`)."""
 
-    #: For the live tracker, in order: the CDR events of ended legs that belong to a call
-    #: still up or one the tracker follows, a bare hangup for followed legs gone without a
-    #: CDR file, then the channels up now (:func:`replay_events`).
-    live_events: list[ChannelEvent] = field(default_factory=list)
-    #: Legs of calls wholly over, none heard live: for a fresh tracker (the backfill).
-    catch_up: list[CdrLeg] = field(default_factory=list)
+    #: For the live tracker first, in order: the CDR events of ended legs that belong to a
+    #: call still up or one the tracker follows, and a bare hangup for followed legs gone
+    #: without a CDR file. History: of what they produce only hangups (closing popups
+    #: opened before the gap) and summaries are worth sending.
+    history: list[ChannelEvent] = field(default_factory=list)
+    #: Then the channels up now (:func:`replay_events`): popups as live.
+    present: list[ChannelEvent] = field(default_factory=list)
+    #: Calls wholly over, none of whose legs was heard live, each a list of legs: for a
+    #: fresh tracker (the backfill).
+    catch_up: list[list[CdrLeg]] = field(default_factory=list)
     #: Followed legs gone without a CDR file (closed with :func:`ended_event`).
     closed_blind: list[str] = field(default_factory=list)
     #: Channels up that the tracker did not know (seeded by :func:`replay_events`).
@@ -169,6 +173,8 @@ def plan_gap(dumps: Sequence[Mapping[str, str]], cdr_legs: Iterable[CdrLeg], *,
     tracker heard complete is left out: it was reported live.
     """
     live = {h["Unique-ID"] for h in dumps}
+    # a channel the tracker heard complete meanwhile (its end came during the dumps)
+    dumps = [h for h in dumps if h["Unique-ID"] in open_legs or not knows(h["Unique-ID"])]
     legs = [leg for leg in cdr_legs if leg.uuid not in live
             and (leg.uuid in open_legs or not knows(leg.uuid))]
     calls = _UnionFind()
@@ -184,19 +190,23 @@ def plan_gap(dumps: Sequence[Mapping[str, str]], cdr_legs: Iterable[CdrLeg], *,
     plan = GapPlan()
     hydrate = sorted((leg for leg in legs if calls.find(leg.uuid) in followed),
                      key=lambda leg: leg.end_us)
-    plan.catch_up = [leg for leg in legs if calls.find(leg.uuid) not in followed]
+    over: dict[str, list[CdrLeg]] = {}
+    for leg in legs:
+        if calls.find(leg.uuid) not in followed:
+            over.setdefault(calls.find(leg.uuid), []).append(leg)
+    plan.catch_up = list(over.values())
     by_uuid = {leg.uuid: leg for leg in hydrate}
     timeline = []
     for n, leg in enumerate(hydrate):
         partner = by_uuid.get(leg.bridged_to) if leg.bridged_to else None
         timeline += [(at_us, rank, n, event) for at_us, rank, event in leg_events(leg, partner)]
-    plan.live_events += [event for *_, event in sorted(timeline, key=lambda t: t[:3])]
+    plan.history += [event for *_, event in sorted(timeline, key=lambda t: t[:3])]
     with_cdr = {leg.uuid for leg in legs}
     for uuid in sorted(open_legs - live - with_cdr):
         plan.closed_blind.append(uuid)
-        plan.live_events.append(ended_event(uuid, now_us))
+        plan.history.append(ended_event(uuid, now_us))
     plan.seeded = sum(1 for h in dumps if not knows(h["Unique-ID"]))
-    plan.live_events += replay_events(dumps, knows)
+    plan.present += replay_events(dumps, knows)
     return plan
 
 
