@@ -633,6 +633,50 @@ def cdr_files(directory: Path) -> list[Path]:
                   and e.is_file())
 
 
+#: Directory entries examined between two pauses of :func:`recent_cdrs`.
+SCAN_CHUNK = 256
+
+
+def recent_cdrs(directory: str | os.PathLike[str], *, ended_after_us: int,
+                modified_after: float, pause: Callable[[], None] = lambda: None,
+                ) -> tuple[list[CdrLeg], list[tuple[str, str]]]:
+    """The legs of ``directory`` that ended after ``ended_after_us`` (FreeSWITCH's clock),
+    read fully: ``(legs, bad files)``.
+
+    For the automatic catch-up: a directory may hold a year of files, so only files
+    modified after ``modified_after`` (this host's clock) are opened, and ``pause()``
+    is called every :data:`SCAN_CHUNK` entries (the service passes ``gevent.sleep``: ESL
+    reading never waits for more than a chunk of ``stat`` calls). No minimum age: a leg
+    that ended a moment ago is read too (the outbox keeps one summary per call).
+    """
+    legs: list[CdrLeg] = []
+    bad: list[tuple[str, str]] = []
+    try:
+        scan = os.scandir(directory)
+    except OSError as exc:
+        raise FsCc360Error(f"cannot read CDR directory {directory}: "
+                           f"{exc.strerror or exc}") from None
+    with scan:
+        for n, entry in enumerate(scan):
+            if n % SCAN_CHUNK == SCAN_CHUNK - 1:
+                pause()
+            if not entry.name.endswith(".json") or entry.name.startswith("."):
+                continue
+            try:
+                if entry.stat().st_mtime < modified_after or not entry.is_file():
+                    continue
+            except OSError:
+                continue  # rotated away meanwhile
+            try:
+                leg = read_cdr(Path(entry.path))
+            except CdrError as exc:
+                bad.append((entry.name, str(exc)))
+                continue
+            if leg.end_us > ended_after_us:
+                legs.append(leg)
+    return legs, bad
+
+
 def backfill(
     directory: str | os.PathLike[str],
     outbox: BackfillOutbox,

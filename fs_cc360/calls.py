@@ -331,8 +331,9 @@ class CallTracker:
 
     @property
     def waiting(self) -> int:
-        """Summaries held back, waiting for a related leg to complete."""
-        return len(self._due)
+        """Summaries held back, waiting for a related leg to complete, and calls whose
+        missed-call decision is still to come."""
+        return len(self._due) + len(self._groups_due)
 
     # -- legs ---------------------------------------------------------------------
 

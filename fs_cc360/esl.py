@@ -27,7 +27,7 @@ import random
 import socket as _stdsocket
 from collections import deque
 from collections.abc import Callable, Sequence
-from time import monotonic
+from time import monotonic, time
 
 import gevent
 import gevent.socket
@@ -109,8 +109,9 @@ class EslClient(InboundESL):
     * ``on_job(job_uuid, body)`` for each BACKGROUND_JOB (body without its trailing newline);
     * ``on_state(connected)`` on each change (``True`` once subscribed, ``False`` when lost).
 
-    ``on_reconnect()`` runs in a greenlet of its own after every connection but the first,
-    so it may query FreeSWITCH (e.g. ``api("show channels as json")``) to resynchronise.
+    ``on_connect(reconnect)`` runs in a greenlet of its own after every connection (once
+    subscribed; ``reconnect`` is False for the first), so it may query FreeSWITCH (e.g.
+    ``api("show channels as json")``) to resynchronise while events keep flowing.
 
     Commands may be sent from any greenlet of the client's hub, not from native threads
     (replies are handed over through gevent primitives).
@@ -126,7 +127,7 @@ class EslClient(InboundESL):
         on_event: Callable[[ChannelEvent], None],
         on_state: Callable[[bool], None] | None = None,
         on_job: Callable[[str, str], None] | None = None,
-        on_reconnect: Callable[[], None] | None = None,
+        on_connect: Callable[[bool], None] | None = None,
         connect_timeout: float = 5.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -155,10 +156,12 @@ class EslClient(InboundESL):
         self._on_event = on_event
         self._on_state = on_state
         self._on_job = on_job
-        self._on_reconnect = on_reconnect
+        self._on_connect = on_connect
         self._rng = rng or random.Random()
 
         self.connected = False
+        #: Wall-clock time ``connected`` last changed (None: never connected yet).
+        self.state_since: float | None = None
         #: ``text/event-plain`` frames parsed (channel events, BACKGROUND_JOB).
         self.events_read = 0
         #: Frames that could not be used: malformed, unexpected, or not an event.
@@ -524,6 +527,7 @@ class EslClient(InboundESL):
 
     def _set_connected(self, up: bool) -> None:
         self.connected = up
+        self.state_since = time()
         if self._on_state is None:
             return
         try:
@@ -543,16 +547,16 @@ class EslClient(InboundESL):
         self._down_since = None
         self._down_reason = None
         self._attempts = 0
-        if reconnect and self._on_reconnect is not None:
-            gevent.spawn(self._run_reconnect_hook)
+        if self._on_connect is not None:
+            gevent.spawn(self._run_connect_hook, reconnect)
 
-    def _run_reconnect_hook(self) -> None:
+    def _run_connect_hook(self, reconnect: bool) -> None:
         try:
-            assert self._on_reconnect is not None
-            self._on_reconnect()
+            assert self._on_connect is not None
+            self._on_connect(reconnect)
         except Exception:
             self.callback_errors += 1
-            log.exception("esl.on_reconnect_failed")
+            log.exception("esl.on_connect_failed reconnect=%s", reconnect)
 
     def _note_lost(self, reason: str, up_for: float) -> None:
         now = monotonic()

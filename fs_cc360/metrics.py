@@ -108,6 +108,28 @@ class Metrics:
             "fs_cc360_makecall_failures_total",
             "Originate jobs FreeSWITCH answered with -ERR, by reason", ["reason"], registry=r,
         )
+        self.gaps = Counter(
+            "fs_cc360_gaps_total",
+            "Connections to FreeSWITCH after which the calls up were resynchronised and the "
+            "CDR files caught up, by reason (start, reconnect)", ["reason"], registry=r,
+        )
+        self.catchup_summaries = Counter(
+            "fs_cc360_catchup_summaries_total",
+            "Summaries of calls over during a gap, found in the CDR files, by result "
+            "(enqueued, duplicate: the outbox already held it)", ["result"], registry=r,
+        )
+        self.resync_seeded = Counter(
+            "fs_cc360_resync_channels_total",
+            "Channels up at a (re)connect that the tracker had not heard of", registry=r,
+        )
+        self.resync_closed = Counter(
+            "fs_cc360_resync_closed_legs_total",
+            "Legs followed before a gap that ended during it without a CDR file", registry=r,
+        )
+        self.gap_seconds = Gauge(
+            "fs_cc360_gap_catchup_seconds", "How long the last resync and catch-up took",
+            registry=r,
+        )
         self.clock_offset = Gauge(
             "fs_cc360_freeswitch_clock_offset_seconds",
             "How far FreeSWITCH's event clock is behind this host's (negative: ahead), "
@@ -124,6 +146,8 @@ class Metrics:
             self.makecalls.labels(result=result)
         for kind in CRM_KINDS:
             self.crm_events.labels(kind=kind)
+        for result in ("enqueued", "duplicate"):
+            self.catchup_summaries.labels(result=result)
         self._outbox_statuses: set[str] = set()
         self._outbox_source: Callable[[], Any] | None = None
 
@@ -131,6 +155,16 @@ class Metrics:
 
     def esl_state(self, connected: bool) -> None:
         self.esl_connected.set(1 if connected else 0)
+
+    def gap(self, reason: str, seconds: float, *, seeded: int, closed: int, enqueued: int,
+            duplicates: int) -> None:
+        """One resync and catch-up after a (re)connect (:meth:`Service._after_gap`)."""
+        self.gaps.labels(reason=_label(reason)).inc()
+        self.gap_seconds.set(max(0.0, seconds))
+        self.resync_seeded.inc(seeded)
+        self.resync_closed.inc(closed)
+        self.catchup_summaries.labels(result="enqueued").inc(enqueued)
+        self.catchup_summaries.labels(result="duplicate").inc(duplicates)
 
     def esl_event(self, count: int = 1) -> None:
         self.esl_events.inc(count)

@@ -11,8 +11,10 @@ gets its ringing popup, an answered call its answer (and later hangup and summar
 * a ``CHANNEL_DATA`` per channel (the dump itself), oldest first
   (``Caller-Channel-Created-Time``), so every leg is known before anything refers to it;
   the tracker takes it as a leg first heard of in the middle of its life;
-* ``CHANNEL_PROGRESS`` for a leg that rings (``Answer-State: ringing``/``early`` on a leg
-  FreeSWITCH placed), ``CHANNEL_ANSWER`` for an answered one;
+* ``CHANNEL_ANSWER`` for an answered leg (``Answer-State: answered``), else
+  ``CHANNEL_PROGRESS`` for a leg FreeSWITCH placed that rang
+  (``Caller-Channel-Progress-Time``: ``Answer-State: ringing`` alone is set when the leg
+  is created, before the phone rings);
 * one ``CHANNEL_BRIDGE`` per bridged pair (``variable_signal_bond`` or ``bridge_uuid``
   naming another answered channel that names it back or that it originated).
 
@@ -104,15 +106,14 @@ def replay_events(dumps: Iterable[Mapping[str, str]],
         if not known(h["Unique-ID"]):
             out.append(make_event("CHANNEL_DATA", h, _time(h, "Caller-Channel-Created-Time")))
     for h in channels:
-        state = (h.get("Answer-State") or "").lower()
-        answered = state == "answered" or (h.get("Channel-Call-State") or "") == "ACTIVE"
-        if state in ("ringing", "early") and h.get("Call-Direction") == "outbound":
-            out.append(make_event("CHANNEL_PROGRESS", h,
-                                  _time(h, "Caller-Channel-Progress-Time",
-                                        "Caller-Channel-Progress-Media-Time")))
-        elif answered:
+        rang = _int(h.get("Caller-Channel-Progress-Time")) or _int(
+            h.get("Caller-Channel-Progress-Media-Time"))
+        if _answered(h):
             out.append(make_event("CHANNEL_ANSWER", h,
                                   _time(h, "Caller-Channel-Answered-Time")))
+        elif rang and h.get("Call-Direction") == "outbound":
+            # it rings, or rang and is hanging up (a ring group's loser): its popup
+            out.append(make_event("CHANNEL_PROGRESS", h, rang))
     paired: set[str] = set()
     for h in channels:
         uuid = h["Unique-ID"]

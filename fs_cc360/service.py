@@ -26,23 +26,31 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
+import gevent.lock
 
+from fs_cc360.backfill import recent_cdrs, summaries_from_legs
 from fs_cc360.calls import TRACKED_EVENTS, CallTracker, CrmEvent, TrackerConfig
 from fs_cc360.cc360 import Cc360Client
 from fs_cc360.clock import ClockOffset
 from fs_cc360.config import Settings
 from fs_cc360.crm_request import request_for
 from fs_cc360.delivery import BackoffPolicy, Deliverer
-from fs_cc360.errors import OutboxError
+from fs_cc360.errors import EslCommandError, EslError, FsCc360Error, OutboxError
 from fs_cc360.esl import EslClient
 from fs_cc360.events import ChannelEvent
 from fs_cc360.makecall import MakeCall
 from fs_cc360.metrics import Metrics
 from fs_cc360.outbox import NewItem, OutboxWriter
+from fs_cc360.position import Position
 from fs_cc360.recordings import Mp3Converter, RecordingLinks
+from fs_cc360.resync import ResyncError, channel_uuids, dump_headers, plan_gap
+
+if TYPE_CHECKING:
+    from fs_cc360.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,11 @@ SPOOL_LIMIT = 200_000
 #: How often the tracker's waits are checked and the outbox health is probed.
 TICK_SECONDS = 1.0
 HEALTH_SECONDS = 5.0
+#: Channels a resync asks ``uuid_dump`` for, at most (the rest get their popups from
+#: their next event): bounds the work after a reconnect on a very busy switch.
+MAX_RESYNC_CHANNELS = 20_000
+#: Calls of the CDR catch-up worked through between two yields to the hub.
+CATCHUP_BATCH = 20
 
 
 def tracker_config(settings: Settings) -> TrackerConfig:
@@ -141,6 +154,12 @@ class Service:
         self.outbox = OutboxWriter(settings.outbox.database,
                                    synchronous=settings.outbox.synchronous)
         self.outbox_ok = True
+        #: FreeSWITCH time of the last event read, kept across restarts (the catch-up
+        #: after a start reads the CDR files of legs that ended since then).
+        self.position = Position.next_to(self.outbox.path)
+        #: The position when the connection was last lost (or when the service started).
+        self._gap_from = self.position.last_event_at
+        self._gap_lock = gevent.lock.Semaphore()
         self._spool = _Spool()
         delivery = settings.delivery
         self.client = crm_client(settings)
@@ -155,6 +174,7 @@ class Service:
         self.esl = EslClient(
             fs.host, fs.port, fs.password, events=SUBSCRIBED_EVENTS,
             on_event=self._on_event, on_state=self._on_esl_state, on_job=self._on_job,
+            on_connect=self._on_esl_connect,
             connect_timeout=fs.connect_timeout, backoff_max=fs.reconnect_max,
         )
         self.makecall = MakeCall(
@@ -165,7 +185,10 @@ class Service:
             metrics=self.metrics,
         )
         self.metrics.set_outbox_source(lambda: self.outbox.stats(self.clock()))
+        self.metrics.watch_crm(lambda: not self.deliverer.crm_down)
         self.web_server = None
+        #: the operator console (``[webapi] admin_token``), built by start()
+        self.console: Console | None = None
         self._stop = gevent.event.Event()
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -174,6 +197,7 @@ class Service:
     def _on_event(self, event: ChannelEvent) -> None:
         self.metrics.esl_event()
         read_at = self.clock()
+        self.position.heard(event.timestamp)
         changed = self.clock_offset.observe(event.timestamp, read_at)
         if changed is not None:
             self.metrics.clock(self.clock_offset.offset, changed)
@@ -184,6 +208,112 @@ class Service:
 
     def _on_esl_state(self, connected: bool) -> None:
         self.metrics.esl_state(connected)
+        if not connected:
+            self._gap_from = self.position.last_event_at
+
+    # -- after a gap (own greenlet: ESL reading and delivery go on meanwhile) -------------
+
+    def _on_esl_connect(self, reconnect: bool) -> None:
+        """After every (re)connect: the calls up get their popups, the legs that ended
+        while nobody listened close theirs, and calls wholly over reach the CRM's history
+        from the CDR files. One at a time (a reconnect during a catch-up waits)."""
+        with self._gap_lock:
+            try:
+                self._after_gap("reconnect" if reconnect else "start", self._gap_from)
+            except Exception:  # a bug here must not cost the live stream anything
+                log.exception("gap.failed")
+
+    def _after_gap(self, reason: str, before: float | None) -> None:
+        started = time.monotonic()
+        settings = self.settings.backfill
+        since = (before or self.clock()) - settings.margin  # FreeSWITCH's clock
+        open_before = self.tracker.open_legs()
+        dumps = self._live_channels()
+        legs: list = []
+        bad: list[tuple[str, str]] = []
+        if settings.cdr_dir is not None:
+            offset = self.clock_offset.offset or 0.0
+            try:
+                legs, bad = recent_cdrs(
+                    settings.cdr_dir, ended_after_us=int(since * 1_000_000),
+                    modified_after=since + offset - settings.margin,
+                    pause=lambda: gevent.sleep(0))
+            except FsCc360Error as exc:
+                log.error("catchup.failed dir=%s error=%s: calls that ended while fs-cc360 "
+                          "was not listening are not reported; check [backfill] cdr_dir "
+                          "and that fs-cc360 may read it", settings.cdr_dir, exc)
+            for name, why in bad:
+                log.warning("catchup.bad_file file=%s error=%s", name, why)
+        # Planned and fed with no yield in between: the tracker cannot change meanwhile.
+        read_at = self.clock()
+        plan = plan_gap(
+            dumps or [], legs,
+            open_legs=(open_before & self.tracker.open_legs()) if dumps is not None else set(),
+            knows=self.tracker.knows,
+            now_us=int((read_at - (self.clock_offset.offset or 0.0)) * 1_000_000))
+        found: list[CrmEvent] = []
+        for event in plan.history:  # the past: close popups, report; never open one
+            found += [e for e in self.tracker.feed(event, now=read_at)
+                      if e.kind in ("hangup", "summary")]
+        for event in plan.present:
+            found += self.tracker.feed(event, now=read_at)
+        # A restarted connector does not remember the popups it sent: the outbox does.
+        self._accept([e for e in found if not self._held(e)], read_at)
+        enqueued = duplicates = 0
+        for n, call in enumerate(plan.catch_up):
+            if n % CATCHUP_BATCH == CATCHUP_BATCH - 1:
+                gevent.sleep(0)
+            for summary in summaries_from_legs(call, self.tracker.config):
+                if self._held(summary):
+                    duplicates += 1
+                    continue
+                enqueued += 1
+                self._accept([summary])
+        seconds = time.monotonic() - started
+        self.metrics.gap(reason, seconds, seeded=plan.seeded, closed=len(plan.closed_blind),
+                         enqueued=enqueued, duplicates=duplicates)
+        log.info("gap.caught_up reason=%s since=%.0f channels=%s seeded=%d ended_in_gap=%d "
+                 "closed_without_cdr=%d calls_over=%d summaries=%d duplicates=%d "
+                 "bad_files=%d seconds=%.2f", reason, since,
+                 len(dumps) if dumps is not None else "unknown", plan.seeded,
+                 len(legs), len(plan.closed_blind), len(plan.catch_up), enqueued, duplicates,
+                 len(bad), seconds)
+
+    def _held(self, event: CrmEvent) -> bool:
+        """Whether the outbox already holds this call's event of that kind."""
+        try:
+            return self.outbox.has_request(event.call_id, event.kind)
+        except OutboxError:
+            return False  # the outbox keeps one summary per call anyway
+
+    def _live_channels(self) -> list[dict[str, str]] | None:
+        """``uuid_dump`` of every channel up now; None when FreeSWITCH could not say."""
+        try:
+            uuids = channel_uuids(self.esl.api("show channels as json"))
+        except (EslError, ResyncError) as exc:
+            log.warning("resync.failed error=%s: calls up now get their popups from their "
+                        "next event only", exc)
+            return None
+        if len(uuids) > MAX_RESYNC_CHANNELS:
+            log.warning("resync.truncated channels=%d: only the newest %d are resynchronised",
+                        len(uuids), MAX_RESYNC_CHANNELS)
+            uuids = uuids[-MAX_RESYNC_CHANNELS:]
+        dumps: list[dict[str, str]] = []
+        for uuid in uuids:
+            try:
+                headers = dump_headers(self.esl.api(f"uuid_dump {uuid} json"))
+            except EslCommandError:
+                continue  # hung up meanwhile: its events tell the rest
+            except ResyncError as exc:
+                log.warning("resync.bad_dump uuid=%s error=%s", uuid, exc)
+                continue
+            except EslError as exc:
+                log.warning("resync.failed error=%s: calls up now get their popups from "
+                            "their next event only", exc)
+                return None
+            if headers:
+                dumps.append(headers)
+        return dumps
 
     def _accept(self, events: list[CrmEvent], read_at: float | None = None) -> None:
         if not events:
@@ -264,6 +394,8 @@ class Service:
             if now - last_health >= HEALTH_SECONDS:
                 last_health = now
                 self._probe_outbox()
+                if self.position.dirty:
+                    gevent.get_hub().threadpool.spawn(self.position.save)
             if now - last_purge >= 3600:
                 last_purge = now
                 self._purge(now)
@@ -311,10 +443,14 @@ class Service:
                 web.public_url or "http://localhost", str(web.recordings_dir),
                 mode=web.recording_auth, secret=web.recording_key() or os.urandom(32),
                 shared_token=web.token or secrets.token_urlsafe(32))
+            if web.admin_token:
+                from fs_cc360.console import build_console
+
+                self.console = build_console(self)
             app = make_app(token=web.token, makecall=self.makecall, links=links,
                            health=self.health, metrics=self.metrics,
                            metrics_token=web.metrics_token, cors_origins=web.cors_origins,
-                           converter=converter)
+                           converter=converter, console=self.console)
             self.web_server = serve(
                 app, web.address, max_connections=web.max_connections,
                 certfile=web.tls_cert, keyfile=web.tls_key)
@@ -335,6 +471,8 @@ class Service:
         self.esl.stop()
         if self.web_server is not None:
             self.web_server.stop(timeout=2)
+        if self.console is not None:
+            self.console.close()
         # Summaries still waiting for a partner leg go out now rather than never.
         self._accept(self.tracker.flush(), self.clock())
         self._stop.set()
@@ -349,6 +487,7 @@ class Service:
                       len(self._spool.items))
         self.outbox.close()
         self.client.close()
+        self.position.save()
         log.info("service.stopped")
 
 

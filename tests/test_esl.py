@@ -39,7 +39,7 @@ class Recorder:
         self.events: list[ChannelEvent] = []
         self.jobs: list[tuple[str, str]] = []
         self.states: list[bool] = []
-        self.resyncs = 0
+        self.connects: list[bool] = []
 
     def on_event(self, event: ChannelEvent) -> None:
         self.events.append(event)
@@ -50,8 +50,8 @@ class Recorder:
     def on_state(self, up: bool) -> None:
         self.states.append(up)
 
-    def on_reconnect(self) -> None:
-        self.resyncs += 1
+    def on_connect(self, reconnect: bool) -> None:
+        self.connects.append(reconnect)
 
     def keys(self) -> list[tuple[str, str]]:
         return [(e.uuid, e.name) for e in self.events]
@@ -80,7 +80,7 @@ def make_client() -> Iterator[Callable[..., tuple[EslClient, Recorder]]]:
         options: dict[str, object] = dict(
             events=SUBSCRIBED_EVENTS,  # what `fs-cc360 run` subscribes to
             on_event=rec.on_event, on_job=rec.on_job, on_state=rec.on_state,
-            on_reconnect=rec.on_reconnect, backoff_initial=0.05, backoff_max=0.5,
+            on_connect=rec.on_connect, backoff_initial=0.05, backoff_max=0.5,
             connect_timeout=2.0, command_timeout=5.0, rng=random.Random(1),
         )
         options.update(kwargs)
@@ -416,7 +416,7 @@ def test_reconnects_after_drop_and_refusal(make_client, caplog) -> None:
         assert rec.keys() == expected_keys(bodies)
         assert client.reconnects == 1
         assert rec.states == [True, False, True]
-        assert wait_until(lambda: rec.resyncs == 1)
+        assert wait_until(lambda: rec.connects == [False, True])
         assert len(_messages(caplog, "esl.lost")) == 1
         assert len(_messages(caplog, "esl.down")) == 1  # once, not per attempt
         assert len(_messages(caplog, "esl.connected", logging.INFO)) == 2

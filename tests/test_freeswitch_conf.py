@@ -111,6 +111,8 @@ FREESWITCH_VARIABLES: dict[str, tuple[str, str]] = {
     "answer_uepoch": (A, "CHANNEL_HANGUP_COMPLETE"),
     "bridge_epoch": (A, "CHANNEL_HANGUP_COMPLETE"),
     "progress_epoch": (A, "CHANNEL_HANGUP_COMPLETE"),
+    "progress_uepoch": (A, "CHANNEL_HANGUP_COMPLETE"),
+    "progress_media_uepoch": (A, "CHANNEL_HANGUP_COMPLETE"),
     "progress_media_epoch": (A, "CHANNEL_HANGUP_COMPLETE"),
     "end_epoch": (A, "CHANNEL_HANGUP_COMPLETE"),
     "hangup_cause": (A, "CHANNEL_HANGUP_COMPLETE"),

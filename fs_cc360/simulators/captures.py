@@ -48,18 +48,34 @@ def demo_frames(name: str) -> list[bytes]:
     return frames_of(read_capture(DEMO_DATA / f"{name}.esl.gz"))
 
 
+#: Every header that holds a time: the event's own, the caller profile's times (µs) and
+#: the channel's ``*_uepoch`` (µs) / ``*_epoch`` (s) variables. Zero means "never".
+_TIME_FIELD = re.compile(
+    rb"^(Event-Date-Timestamp|(?:Caller|Other-Leg)-[A-Za-z-]+-Time|variable_\w+?_u?epoch)"
+    rb": (\d+)$", re.M)
+
+
 def shift_to_now(frames: list[bytes], now: float | None = None) -> list[bytes]:
-    """Move a capture's ``Event-Date-Timestamp`` values so that its first event is ``now``
-    (a replayed call then looks live: popups are not already past their TTL)."""
+    """Move every time of a capture (event timestamps, caller-profile times, the
+    ``*_epoch`` / ``*_uepoch`` variables, as a later call would carry them) so that its
+    first event is ``now``: a replayed call looks live (popups are not past their TTL)
+    and its CDR files (:mod:`fs_cc360.simulators.switch`) agree with its events."""
     stamps = [int(m.group(1)) for body in frames for m in [_TIMESTAMP.search(b"\n" + body)] if m]
     if not stamps:
         return list(frames)
     offset = int((time.time() if now is None else now) * 1_000_000) - min(stamps)
 
     def sub(m: re.Match[bytes]) -> bytes:
-        return b"\nEvent-Date-Timestamp: %d" % (int(m.group(1)) + offset)
+        key, value = m.group(1), int(m.group(2))
+        if value == 0:
+            return m.group(0)
+        if key.endswith(b"_epoch"):
+            value += round(offset / 1_000_000)
+        else:
+            value += offset
+        return key + b": %d" % value
 
-    return [_TIMESTAMP.sub(sub, b"\n" + body)[1:] for body in frames]
+    return [_TIME_FIELD.sub(sub, body) for body in frames]
 
 
 def remap(frames: list[bytes], seed: int, *, keep_core: bool = True,
