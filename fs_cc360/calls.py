@@ -98,6 +98,12 @@ Recordings (rule 9)
     waits until every related leg has completed, at most ``summary_wait`` seconds
     (:meth:`CallTracker.tick`).
 
+Tenants (rule 15)
+    With ``[calls] domains`` set, an agent leg must also belong to one of those directory
+    domains (``dialed_domain`` on a leg the ``user/`` endpoint placed, ``domain_name`` on
+    one a phone placed): 101 of another tenant is not an agent here, so its calls give
+    nothing, as any non-agent leg.
+
 Restarts (rule 10)
     A leg first heard of at its CHANNEL_HANGUP_COMPLETE is rebuilt from that event's
     variables (``billsec``, ``answer_epoch``, ``originator``, ``originated_legs``), so a
@@ -129,6 +135,7 @@ VARIABLES_READ = (
     "last_bridge_to", "bridge_uuid",
     "cc_member_session_uuid", "loopback_leg", "other_loopback_leg_uuid",
     "other_loopback_from_uuid", "loopback_from_uuid", "hangup_cause",
+    "dialed_domain", "domain_name", "presence_id",
     "cc360_extension", "cc360_trunk", "cc360_direction", "cc360_client",
 )
 
@@ -170,6 +177,8 @@ class TrackerConfig:
     summary_wait: float = 10.0
     #: A leg silent for this long without completing is forgotten (lost HANGUP_COMPLETE).
     stale_after: float = 6 * 3600.0
+    #: Directory domains whose agents are ours (lowercase); empty: every domain.
+    domains: tuple[str, ...] = ()
 
 
 @dataclass
@@ -201,6 +210,7 @@ class _Leg:
     ended_at: float | None = None
     complete: bool = False
     hangup_cause: str = ""
+    domain: str = ""  #: directory domain (rule 15), as its hangup names it
     billsec: int | None = None
     partners: list[str] = field(default_factory=list)
     originated: list[tuple[str, str]] = field(default_factory=list)  # (uuid, extension)
@@ -413,7 +423,11 @@ class CallTracker:
                     user = event.get("Caller-Username")
         if not user:
             return None
-        return self._as_extension(user)
+        extension = self._as_extension(user)
+        if extension is not None and self.config.domains and (
+                _domain_of(event) not in self.config.domains):
+            return None  # another tenant's agent (rule 15)
+        return extension
 
     def _as_extension(self, user: str) -> str | None:
         mapped = self.config.extensions.get(user, user)
@@ -759,6 +773,7 @@ class CallTracker:
         leg.complete = True
         leg.ended_at = at
         leg.hangup_cause = event.get("Hangup-Cause") or event.var("hangup_cause") or ""
+        leg.domain = _domain_of(event)
         leg.billsec = _int(event.var("billsec"))
         answered_epoch = _int(event.var("answer_epoch"))
         if leg.answered_at is None and answered_epoch:
@@ -957,13 +972,15 @@ class CallTracker:
         parts = [p for p in self._groups.get(group, ()) if p.kind in ("incoming", "internal_in")]
         taken = any(p.leg.answered_at or p.leg.hangup_cause == "PICKED_OFF" for p in parts)
         if not force:
+            derive = not parts and caller.originated and not any(
+                uuid in self._parts for uuid, _ in caller.originated)
+            if not parts and not derive:
+                return  # nothing to decide (yet: a part may still join)
             pending = any(not p.leg.complete or p.waits_for for p in parts) or any(
                 not (self._legs.get(uuid) and self._legs[uuid].complete)
                 for uuid in self._closure(caller, self._linked))
-            if pending or (not parts and caller.originated):
+            if pending or derive:
                 self._groups_due.setdefault(group, now + self.config.summary_wait)
-                return
-            if not parts:
                 return
             if not taken:
                 # A missed call: first let the legs that ended in the same tick come in
@@ -1005,6 +1022,8 @@ class CallTracker:
         self._groups_done.add(leg.uuid)
         if leg.bridged_at or self.config.missed_calls == "none":
             return  # answered: the agent leg's own completion reported it
+        if self.config.domains and leg.domain not in self.config.domains:
+            return  # it dialled another tenant's users (rule 15)
         tried: dict[str, str] = {}
         for uuid, user in leg.originated:
             extension = self._as_extension(user)
@@ -1087,6 +1106,15 @@ _HANDLERS = {
 TRACKED_EVENTS = tuple(name for name in _HANDLERS if name != "CHANNEL_DATA")
 
 
+
+
+def _domain_of(event: ChannelEvent) -> str:
+    """The directory domain of an agent leg: ``dialed_domain`` on a leg the ``user/``
+    endpoint placed, ``domain_name`` on one an authenticated phone placed (sofia sets it
+    from the directory), else the domain of ``presence_id`` (``101@domain``)."""
+    domain = event.var("dialed_domain") or event.var("domain_name") or (
+        (event.var("presence_id") or "").rpartition("@")[2])
+    return domain.strip().lower()
 
 
 def _int(value: str | None) -> int | None:

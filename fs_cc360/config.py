@@ -64,6 +64,11 @@ DEFAULT_ORIGINATE = "{vars}user/{agent} {client} XML default"
 #: Placeholders of the originate template: channel variables block (``{a=b,c=d}``),
 #: the agent's extension and the client's number.
 ORIGINATE_FIELDS = ("vars", "agent", "client")
+#: May appear in the template: the tenant's domain (the first of ``[calls] domains``).
+ORIGINATE_OPTIONAL = ("domain",)
+#: The originate template of a tenant's connector (``[calls] domains`` set) unless the
+#: admin wrote another: the agent is dialled inside the tenant's domain.
+TENANT_ORIGINATE = "{vars}user/{agent}@{domain} {client} XML default"
 #: Encoders that ``[webapi] convert_to_mp3`` can use.
 MP3_ENCODERS = ("lame", "ffmpeg")
 #: URL schemes ``[outbox] database`` accepts (the outbox implements SQLite only).
@@ -137,6 +142,21 @@ def _host(value: str) -> str:
     if not value or any(c.isspace() for c in value) or "/" in value:
         raise ValueError("expected a host name or IP address")
     return value
+
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def _domains(value: str) -> tuple[str, ...]:
+    """``tenant1.example.com, tenant2.example.com``: FreeSWITCH directory domains."""
+    domains = tuple(dict.fromkeys(part.strip().lower() for part in value.split(",")
+                                  if part.strip()))
+    for domain in domains:
+        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+            raise ValueError("expected a comma-separated list of directory domains like "
+                             "tenant1.example.com (or an IP address), or empty for every domain")
+    return domains
 
 
 def _int_range(low: int, high: int) -> Callable[[str], int]:
@@ -288,7 +308,7 @@ def _originate(value: str) -> str:
     for _literal, name, spec, conversion in parsed:
         if name is None:
             continue
-        if name not in ORIGINATE_FIELDS or spec or conversion:
+        if name not in ORIGINATE_FIELDS + ORIGINATE_OPTIONAL or spec or conversion:
             raise ValueError(f"{expected} (unknown placeholder {{{name}}})")
         seen.add(name)
     missing = [name for name in ORIGINATE_FIELDS if name not in seen]
@@ -429,6 +449,9 @@ class CallsSettings:
     recording_variable: str = _key("", _varname)
     #: Seconds to wait for the partner leg's RECORD_STOP before sending a summary anyway.
     summary_wait: float = _key(10.0, _seconds(allow_zero=True))
+    #: Report only calls of agents in these directory domains (one connector per tenant on
+    #: a hosted FreeSWITCH); empty: every domain.
+    domains: tuple[str, ...] = _key((), _domains)
 
 
 @dataclass(frozen=True)

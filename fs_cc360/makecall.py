@@ -38,6 +38,8 @@ DEFAULT_TEMPLATE = "{vars}user/{agent} {client} XML default"
 MAX_EXTENSION_DIGITS = 15
 
 TEMPLATE_FIELDS = ("vars", "agent", "client")
+#: Optional: ``{domain}``, the tenant's directory domain (``[calls] domains``).
+OPTIONAL_FIELDS = ("domain",)
 #: What ``second`` may contain before normalisation: digits and the usual decoration (a
 #: space too: an unencoded ``+`` in a query string arrives as one).
 _PHONE_INPUT = re.compile(r"[0-9 ()+\-.]+")
@@ -120,8 +122,11 @@ class MakeCall:
         clock: Callable[[], float] = time.monotonic,
         new_uuid: Callable[[], Any] = uuid.uuid4,
         metrics: _MetricsLike | None = None,
+        domain: str | None = None,
     ) -> None:
-        check_template(template)
+        check_template(template, domain)
+        #: The tenant's domain, for ``{domain}`` (None: a single-tenant switch).
+        self.domain = domain
         self._bgapi = bgapi
         self.template = template
         self._is_extension = is_extension
@@ -227,7 +232,8 @@ class MakeCall:
             ("originate_timeout", str(self.originate_timeout)),
         ]
         block = "{" + ",".join(f"{k}={originate_value(v)}" for k, v in variables) + "}"
-        values = {"vars": block, "agent": agent, "client": client}
+        values = {"vars": block, "agent": agent, "client": client,
+                  "domain": self.domain or ""}
         out: list[str] = []
         for literal, name, _spec, _conversion in string.Formatter().parse(self.template):
             out.append(literal)
@@ -314,7 +320,7 @@ def job_failure_reason(line: str) -> str:
     return "UNKNOWN"
 
 
-def check_template(template: str) -> None:
+def check_template(template: str, domain: str | None = None) -> None:
     """Refuse, at start-up, a template we cannot expand or the tracker could not follow.
 
     Same rules as config.py's ``[webapi] originate`` check (``str.format`` syntax, exactly
@@ -332,10 +338,17 @@ def check_template(template: str) -> None:
     for _literal, name, spec, conversion in parsed:
         if name is None:
             continue
-        if name not in TEMPLATE_FIELDS or spec or conversion:
+        if name not in TEMPLATE_FIELDS + OPTIONAL_FIELDS or spec or conversion:
             raise ConfigError(f"[webapi] originate: unknown placeholder {{{name}}}",
                               key="originate")
         seen.add(name)
+    if domain and "domain" not in seen:
+        raise ConfigError(
+            "[webapi] originate must dial the agent inside the tenant's domain "
+            "(user/{agent}@{domain}): [calls] domains is set", key="originate")
+    if "domain" in seen and not domain:
+        raise ConfigError("[webapi] originate uses {domain} but [calls] domains is empty",
+                          key="originate")
     missing = [name for name in TEMPLATE_FIELDS if name not in seen]
     if missing:
         raise ConfigError(

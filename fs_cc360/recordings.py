@@ -109,6 +109,7 @@ class RecordingLinks:
         secret: bytes = b"",
         shared_token: str = "",
         mp3: bool = False,
+        domains: tuple[str, ...] = (),
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"recording_auth must be one of {MODES}, not {mode!r}",
@@ -125,6 +126,9 @@ class RecordingLinks:
         self.mp3 = mp3  #: link ``.mp3`` for a ``.wav`` (served by converting on demand)
         self._secret = secret
         self._shared = shared_token
+        #: A tenant's connector links and serves only ``<recordings_dir>/<domain>/...``
+        #: of its own domains (FusionPBX: ``<recordings>/<domain>/archive/YYYY/Mon/DD``).
+        self.domains = tuple(d.lower() for d in domains)
 
     # -- building links ----------------------------------------------------------------
 
@@ -146,7 +150,11 @@ class RecordingLinks:
                 return None
         else:
             rel = posixpath.normpath(file_path)
-        return rel if safe_relpath(rel) else None
+        return rel if safe_relpath(rel) and self._tenant_may(rel) else None
+
+    def _tenant_may(self, rel: str) -> bool:
+        """Whether ``rel`` lies under one of this tenant's domain directories."""
+        return not self.domains or rel.split("/", 1)[0].lower() in self.domains
 
     def url_for(self, file_path: str) -> str | None:
         """The public link of a recording FreeSWITCH wrote, ``None`` (caller logs) when the
@@ -181,7 +189,7 @@ class RecordingLinks:
         leaves the recordings directory or is not an audio file. The caller answers 404
         for all of these alike.
         """
-        if not safe_relpath(relpath):
+        if not safe_relpath(relpath) or not self._tenant_may(relpath):
             return None
         try:
             root = Path(self.recordings_dir).resolve(strict=True)
@@ -190,6 +198,8 @@ class RecordingLinks:
             return None
         if not real.is_relative_to(root) or content_type(real) is None:
             return None
+        if self.domains and not any(real.is_relative_to(root / d) for d in self.domains):
+            return None  # a symlink into another tenant's directory
         try:
             if not stat.S_ISREG(real.stat().st_mode):
                 return None

@@ -36,7 +36,7 @@ from fs_cc360.backfill import recent_cdrs, summaries_from_legs
 from fs_cc360.calls import TRACKED_EVENTS, CallTracker, CrmEvent, TrackerConfig
 from fs_cc360.cc360 import Cc360Client
 from fs_cc360.clock import ClockOffset
-from fs_cc360.config import Settings
+from fs_cc360.config import DEFAULT_ORIGINATE, TENANT_ORIGINATE, Settings
 from fs_cc360.crm_request import request_for
 from fs_cc360.delivery import BackoffPolicy, Deliverer
 from fs_cc360.errors import EslCommandError, EslError, FsCc360Error, OutboxError
@@ -84,6 +84,7 @@ def tracker_config(settings: Settings) -> TrackerConfig:
         numbers=settings.number_rules(),
         recording_variable=calls.recording_variable,
         summary_wait=calls.summary_wait,
+        domains=calls.domains,
     )
 
 
@@ -95,6 +96,7 @@ def recording_links(settings: Settings) -> RecordingLinks | None:
     return RecordingLinks(
         web.public_url, str(web.recordings_dir), mode=web.recording_auth,
         secret=web.recording_key(), shared_token=web.token, mp3=web.convert_to_mp3,
+        domains=settings.calls.domains,
     )
 
 
@@ -177,8 +179,12 @@ class Service:
             on_connect=self._on_esl_connect,
             connect_timeout=fs.connect_timeout, backoff_max=fs.reconnect_max,
         )
+        domains = settings.calls.domains
+        template = settings.webapi.originate
+        if domains and template == DEFAULT_ORIGINATE:
+            template = TENANT_ORIGINATE  # a tenant's agents are dialled in its domain
         self.makecall = MakeCall(
-            self.esl.bgapi, template=settings.webapi.originate,
+            self.esl.bgapi, template=template, domain=domains[0] if domains else None,
             is_extension=lambda user: settings.extension_for(user) is not None,
             rules=settings.number_rules(),
             per_agent_seconds=settings.webapi.makecall_per_agent_seconds,
@@ -442,7 +448,8 @@ class Service:
             links = self.links or RecordingLinks(
                 web.public_url or "http://localhost", str(web.recordings_dir),
                 mode=web.recording_auth, secret=web.recording_key() or os.urandom(32),
-                shared_token=web.token or secrets.token_urlsafe(32))
+                shared_token=web.token or secrets.token_urlsafe(32),
+                domains=self.settings.calls.domains)
             if web.admin_token:
                 from fs_cc360.console import build_console
 

@@ -393,7 +393,9 @@ def test_loopback_ring_group_summary_needs_no_wait() -> None:
     tracker = CallTracker(TrackerConfig(summary_wait=3600))
     out: list[CrmEvent] = []
     for body in capture_frames("r1_loopback_ring_group_102_answers"):
-        out += tracker.feed(parse_event(body))
+        event = parse_event(body)
+        out += tracker.feed(event)
+    out += tracker.tick(event.timestamp + 1)  # the missed-call settle, not summary_wait
     assert tracker.waiting == 0
     assert [e.kind for e in out if e.kind == "summary"] == ["summary"]
     assert {e.user for e in out} == {"101", "102"}

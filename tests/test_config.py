@@ -277,6 +277,8 @@ BAD_VALUES = [
     ("calls", "national_prefix", "8-7", "digits:digits"),
     ("calls", "recording_variable", "variable name", "channel variable"),
     ("calls", "summary_wait", "-1", ">= 0"),
+    ("calls", "domains", "tenant one.example.com", "directory domains"),
+    ("calls", "domains", "bad_domain!", "directory domains"),
     ("backfill", "margin", "-5", ">= 0"),
     ("webapi", "enabled", "sure", "true or false"),
     ("webapi", "listen", "8080", "host:port"),

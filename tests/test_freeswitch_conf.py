@@ -66,6 +66,7 @@ FREESWITCH_VARIABLES: dict[str, tuple[str, str]] = {
     "dialed_extension": (A, "CHANNEL_PROGRESS_MEDIA"),
     "dialed_domain": (A, "CHANNEL_CREATE"),
     "user_name": (G, "CHANNEL_CREATE"),
+    "domain_name": (G, "CHANNEL_CREATE"),
     "number_alias": (G, "CHANNEL_CREATE"),
     "sip_authorized": (G, "CHANNEL_CREATE"),
     "user_context": (A, "CHANNEL_HANGUP"),
