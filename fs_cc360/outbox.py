@@ -56,6 +56,7 @@ native thread for the gevent service; see its docstring.
 from __future__ import annotations
 
 import enum
+import heapq
 import logging
 import math
 import sqlite3
@@ -162,6 +163,8 @@ class OutboxStats:
     last_delivered_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    #: created_at of the oldest pending/inflight summary (popups expire; summaries wait)
+    oldest_summary_at: float | None = None
 
     def count(self, status: OutboxStatus | str) -> int:
         return self.counts.get(OutboxStatus(status), 0)
@@ -179,7 +182,45 @@ class OutboxStats:
             "last_delivered_at": self.last_delivered_at,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
+            "oldest_summary_at": self.oldest_summary_at,
         }
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One recorded outcome of a row: its delivery history (table ``outbox_attempt``).
+
+    ``outcome`` is ``delivered``, ``retry``, ``dead``, ``expired`` (never sent: too
+    late), ``reclaimed`` (its deliverer stopped mid-send: sent again) or ``requeued``
+    (an operator's retry). ``status`` is the CRM's HTTP status, None without an answer.
+    """
+
+    row_id: int
+    at: float
+    outcome: str
+    status: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CallLine:
+    """One call (one ``call_key``: an agent's part of a call) found by a search."""
+
+    call_key: str
+    rows: tuple[Row, ...]  #: every row of the call, oldest first
+
+    @property
+    def last_id(self) -> int:
+        return self.rows[-1].id
+
+
+@dataclass(frozen=True)
+class CallPage:
+    """A page of :meth:`Outbox.search_calls`, newest call first."""
+
+    calls: list[CallLine]
+    #: pass as ``before_id`` for the next page; None: this was the last one
+    next_before: int | None
 
 
 class _AutoIncrementField(peewee.AutoField):
@@ -314,7 +355,40 @@ _INDEXES = (
     # retention purge and last_delivered_at
     "CREATE INDEX IF NOT EXISTS outbox_delivered ON outbox (delivered_at) "
     "WHERE status = 'delivered'",
+    # console search by caller number and by agent, newest first (search_calls)
+    "CREATE INDEX IF NOT EXISTS outbox_callerid ON outbox (callerid, id)",
+    "CREATE INDEX IF NOT EXISTS outbox_user ON outbox (user, id)",
+    # dead / expired rows by when they became so (final_counts_since): only those rows
+    "CREATE INDEX IF NOT EXISTS outbox_final ON outbox (updated_at, status, kind) "
+    "WHERE status IN ('dead', 'expired')",
+    # a row's delivery history (call timeline) and its purge
+    "CREATE INDEX IF NOT EXISTS outbox_attempt_row ON outbox_attempt (row_id, id)",
 )
+#: The delivery history: one row per recorded outcome (see :class:`Attempt`). Plain DDL
+#: (no model): it is only ever inserted in bulk and read by row id.
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS outbox_attempt (id INTEGER PRIMARY KEY, "
+    "row_id INTEGER NOT NULL, at REAL NOT NULL, outcome TEXT NOT NULL, status INTEGER, "
+    "error TEXT)",
+)
+_ATTEMPT_SQL = ("INSERT INTO outbox_attempt (row_id, at, outcome, status, error) "
+                "VALUES (?, ?, ?, ?, ?)")
+_OUTCOMES = {OutboxStatus.delivered: "delivered", OutboxStatus.pending: "retry",
+             OutboxStatus.dead: "dead", OutboxStatus.expired: "expired"}
+#: Rows a search reads at most for one page (a page may then hold fewer calls).
+SEARCH_SCAN_ROWS = 20_000
+# The console's reads. INDEXED BY: SQLite fails loudly rather than ever scan the table.
+_SEARCH_SQL = {column: f"SELECT id, call_key FROM outbox INDEXED BY {index} "
+                       f'WHERE "{column}" = ? AND id < ? ORDER BY id DESC LIMIT ?'
+               for column, index in (("callerid", "outbox_callerid"), ("user", "outbox_user"),
+                                     ("call_key", "outbox_key"))}
+_HISTORY_SQL = ("SELECT row_id, at, outcome, status, error FROM outbox_attempt "
+                "INDEXED BY outbox_attempt_row WHERE row_id IN ({marks}) ORDER BY at, id")
+_FINAL_SQL = ("SELECT status, kind, COUNT(*) FROM outbox INDEXED BY outbox_final "
+              "WHERE status IN ('dead', 'expired') AND updated_at >= ? GROUP BY status, kind")
+_PER_MINUTE_SQL = ("SELECT CAST(delivered_at / 60 AS INTEGER) AS minute, COUNT(*) "
+                   "FROM outbox INDEXED BY outbox_delivered WHERE status = 'delivered' "
+                   "AND delivered_at >= ? AND delivered_at < ? GROUP BY minute")
 
 
 _INSERT_SQL = (
@@ -521,7 +595,10 @@ class Outbox:
                 f"fs-cc360 understands ({SCHEMA_VERSION}): upgrade fs-cc360")
         with self._db.atomic("IMMEDIATE"):
             self._db.create_tables([self._Entry, self._Meta], safe=True)
-            for ddl in _INDEXES:
+            # Additive (schema version unchanged): an outbox from before the console gets
+            # the attempt table and the search indexes here, once (a few seconds on a
+            # million rows); an older fs-cc360 still opens it.
+            for ddl in (*_TABLES, *_INDEXES):
                 self._db.execute_sql(ddl)
             if version < SCHEMA_VERSION:
                 self._db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -709,6 +786,7 @@ class Outbox:
         cursor = self._db.cursor()
         final_keys: set[str] = set()
         error: tuple[str, float] | None = None
+        history: list[tuple[Any, ...]] = []
         for mark in marks:
             at = default_at if mark.at is None else mark.at
             rejected = 1 if mark.rejected else 0
@@ -727,6 +805,8 @@ class Outbox:
             else:
                 raise ValueError(f"cannot mark a row {status}: {mark}")
             cursor.execute(_MARK_SQL[status], params)
+            if cursor.rowcount:
+                history.append((mark.id, at, _OUTCOMES[status], mark.status_code, mark.error))
             if status in (OutboxStatus.pending, OutboxStatus.dead):
                 error = (mark.error or "", at)
             if status.final:
@@ -735,6 +815,8 @@ class Outbox:
                                      (mark.id,)).fetchone()
                 if key is not None:
                     final_keys.add(key[0])
+        if history:
+            cursor.executemany(_ATTEMPT_SQL, history)
         if error is not None:
             self._record_error(*error)
         self._refresh_heads(final_keys)
@@ -786,6 +868,11 @@ class Outbox:
                     (now,)).fetchone() is None:
                 return 0
         with self._write():
+            self._db.execute_sql(
+                "INSERT INTO outbox_attempt (row_id, at, outcome, error) "
+                "SELECT id, ?, 'reclaimed', 'lease expired before an outcome was recorded: "
+                "sent again' FROM outbox INDEXED BY outbox_lease "
+                "WHERE status = 'inflight' AND lease_until < ?", (now, now))
             cursor = self._db.execute_sql(
                 "UPDATE outbox SET status = 'pending', lease_until = NULL, updated_at = ? "
                 "WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_lease "
@@ -858,6 +945,9 @@ class Outbox:
                     (entry.update(status=OutboxStatus.pending.value, attempts=0, rejections=0,
                                   next_attempt_at=now, lease_until=None, updated_at=now)
                      .where(entry.id.in_([row.id for row in batch])).execute())
+                    self._db.cursor().executemany(_ATTEMPT_SQL, [
+                        (row.id, now, "requeued", None, f"was {row.status.value}: sent again")
+                        for row in batch])
                     self._refresh_heads(row.call_key for row in batch)
             matched.extend(batch)
             if len(batch) < PAGE_SIZE:
@@ -879,11 +969,16 @@ class Outbox:
     def purge_delivered_batch(self, older_than: float, limit: int) -> int:
         """One bounded purge transaction (so a big purge never blocks writers for long)."""
         with self._write():
-            cursor = self._db.execute_sql(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox INDEXED BY outbox_delivered "
-                "WHERE status = 'delivered' AND delivered_at < ? LIMIT ?)",
-                (older_than, limit),
-            )
+            ids = [found[0] for found in self._db.execute_sql(
+                "SELECT id FROM outbox INDEXED BY outbox_delivered "
+                "WHERE status = 'delivered' AND delivered_at < ? LIMIT ?",
+                (older_than, limit))]
+            if not ids:
+                return 0
+            marks = ", ".join("?" * len(ids))
+            # the rows' history goes with them (outbox_attempt_row: by row id)
+            self._db.execute_sql(f"DELETE FROM outbox_attempt WHERE row_id IN ({marks})", ids)
+            cursor = self._db.execute_sql(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
             return cursor.rowcount
 
     # -- reads ------------------------------------------------------------------------
@@ -925,6 +1020,11 @@ class Outbox:
             oldest = [self._db.execute_sql(
                 f"SELECT created_at FROM outbox WHERE status = '{status}' ORDER BY id LIMIT 1"
             ).fetchone() for status in ("pending", "inflight")]
+            # (status, kind) index entries are in rowid order: one probe per status
+            oldest_summary = [self._db.execute_sql(
+                f"SELECT created_at FROM outbox INDEXED BY outbox_status_kind "
+                f"WHERE status = '{status}' AND kind = 'summary' ORDER BY id LIMIT 1"
+            ).fetchone() for status in ("pending", "inflight")]
             last_delivered = self._db.execute_sql(
                 "SELECT MAX(delivered_at) FROM outbox INDEXED BY outbox_delivered "
                 "WHERE status = 'delivered'").fetchone()
@@ -934,6 +1034,7 @@ class Outbox:
             meta = dict(self._db.execute_sql(
                 "SELECT key, value FROM outbox_meta WHERE key IN ('last_error', 'last_error_at')"))
         oldest_times = [row[0] for row in oldest if row]
+        summary_times = [row[0] for row in oldest_summary if row]
         return OutboxStats(
             counts=counts,
             by_kind=by_kind,
@@ -943,6 +1044,7 @@ class Outbox:
             last_delivered_at=last_delivered[0] if last_delivered else None,
             last_error=meta.get("last_error"),
             last_error_at=float(meta["last_error_at"]) if meta.get("last_error_at") else None,
+            oldest_summary_at=min(summary_times) if summary_times else None,
         )
 
     def list_page(
@@ -991,6 +1093,141 @@ class Outbox:
                    "since": since, "until": until}
         return _paginate(lambda before, size: self.list_page(
             **filters, before_id=before, limit=size), limit, before_id)
+
+    # -- reads for the operator console (each an indexed, bounded query) ---------------
+
+    def search_calls(
+        self,
+        *,
+        callerids: Collection[str] = (),
+        users: Collection[str] = (),
+        call_keys: Collection[str] = (),
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> CallPage:
+        """Calls with a row matching any of the given caller numbers, agents or call ids
+        (exact values), newest first, ``limit`` per page.
+
+        Each value is one range of its index (``outbox_callerid``, ``outbox_user``,
+        ``outbox_key``) read newest first; the ranges are merged, and reading stops at
+        ``limit + 1`` distinct calls or :data:`SEARCH_SCAN_ROWS` rows, so a page costs
+        the same on a thousand rows or a million. Pages are keyed on row ids: a call
+        already listed on an earlier page (it has a row at or above ``before_id``) is
+        not listed again.
+        """
+        streams = [self._search_stream(column, value, before_id)
+                   for column, values in (("callerid", callerids), ("user", users),
+                                          ("call_key", call_keys))
+                   for value in dict.fromkeys(values)]
+        keys: list[str] = []
+        seen: set[str] = set()
+        next_before: int | None = None
+        last_id: int | None = None
+        scanned = 0
+        for row_id, key in heapq.merge(*streams, key=lambda found: -found[0]):
+            if row_id == last_id:
+                continue  # the same row matched two values
+            last_id = row_id
+            scanned += 1
+            if key not in seen:
+                seen.add(key)
+                if before_id is None or not self._has_row_from(key, before_id):
+                    if len(keys) == limit:
+                        next_before = row_id + 1  # this call starts the next page
+                        break
+                    keys.append(key)
+            if scanned >= SEARCH_SCAN_ROWS:
+                next_before = row_id  # read on from here
+                break
+        return CallPage([CallLine(key, tuple(rows)) for key, rows in
+                         zip(keys, self._rows_of(keys), strict=True)], next_before)
+
+    def _search_stream(self, column: str, value: str, before_id: int | None
+                       ) -> Iterator[tuple[int, str]]:
+        """``(id, call_key)`` of the rows whose ``column`` is ``value``, newest first."""
+        sql = _SEARCH_SQL[column]
+        before = before_id if before_id is not None else 2 ** 63 - 1
+        while True:
+            with self._read():
+                page = self._db.execute_sql(sql, (value, before, PAGE_SIZE)).fetchall()
+            yield from page
+            if len(page) < PAGE_SIZE:
+                return
+            before = page[-1][0]
+
+    def _has_row_from(self, call_key: str, from_id: int) -> bool:
+        with self._read():
+            return self._db.execute_sql(
+                "SELECT 1 FROM outbox INDEXED BY outbox_key WHERE call_key = ? AND id >= ? "
+                "LIMIT 1", (call_key, from_id)).fetchone() is not None
+
+    def _rows_of(self, keys: Sequence[str]) -> list[list[Row]]:
+        """Every row of each call in ``keys``, oldest first, in one query."""
+        if not keys:
+            return []
+        by_key: dict[str, list[Row]] = {key: [] for key in keys}
+        with self._read():
+            for data in self._db.execute_sql(
+                    f"SELECT {_ROW_COLUMNS} FROM outbox INDEXED BY outbox_key "
+                    f"WHERE call_key IN ({', '.join('?' * len(keys))}) ORDER BY call_key, id",
+                    list(keys)):
+                values = list(data)
+                values[_STATUS_INDEX] = OutboxStatus(values[_STATUS_INDEX])
+                by_key[values[1]].append(Row(*values))
+        return [by_key[key] for key in keys]
+
+    def call_history(self, call_key: str, limit: int = PAGE_SIZE
+                     ) -> tuple[list[Row], list[Attempt]]:
+        """A call's rows (oldest first, at most ``limit``) and every recorded outcome of
+        them, oldest first: the console's timeline."""
+        rows = self._rows_of([call_key])[0][:limit]
+        if not rows:
+            return [], []
+        ids = [row.id for row in rows]
+        with self._read():
+            found = self._db.execute_sql(
+                _HISTORY_SQL.format(marks=", ".join("?" * len(ids))), ids).fetchall()
+        return rows, [Attempt(*values) for values in found]
+
+    def count_status(self, status: OutboxStatus | str) -> int:
+        """Rows in ``status``: reads that status's entries of ``outbox_status`` only
+        (cheap for dead rows; :meth:`stats` counts the whole table)."""
+        with self._read():
+            return self._db.execute_sql(
+                "SELECT COUNT(*) FROM outbox INDEXED BY outbox_status WHERE status = ?",
+                (OutboxStatus(status).value,)).fetchone()[0]
+
+    def final_counts_since(self, since: float) -> dict[tuple[OutboxStatus, str], int]:
+        """Rows that became dead or expired at or after ``since`` (their ``updated_at``),
+        by status and kind; reads only those rows' entries of ``outbox_final``."""
+        with self._read():
+            found = self._db.execute_sql(_FINAL_SQL, (since,)).fetchall()
+        return {(OutboxStatus(status), kind): n for status, kind, n in found}
+
+    def delivered_per_minute(self, since: float, until: float) -> list[tuple[float, int]]:
+        """Rows delivered in each whole minute from ``since`` to ``until`` (epoch seconds of
+        the minute's start, count), every minute listed, 0 when none; reads only the
+        ``outbox_delivered`` entries of that span."""
+        first = math.floor(since / 60)
+        last = math.floor(until / 60)
+        with self._read():
+            found = dict(self._db.execute_sql(
+                _PER_MINUTE_SQL, (first * 60.0, (last + 1) * 60.0)).fetchall())
+        return [(minute * 60.0, found.get(minute, 0)) for minute in range(first, last + 1)]
+
+    def explain_console(self) -> dict[str, list[str]]:
+        """``EXPLAIN QUERY PLAN`` of each console query (tests and ``bench/`` check that
+        none sorts or scans the table)."""
+        queries = {
+            **{f"search {column}": (sql, ("x", 1, 1)) for column, sql in _SEARCH_SQL.items()},
+            "history": (_HISTORY_SQL.format(marks="?, ?"), (1, 2)),
+            "final": (_FINAL_SQL, (0.0,)),
+            "per_minute": (_PER_MINUTE_SQL, (0.0, 1.0)),
+        }
+        with self._read():
+            return {name: [line[-1] for line in self._db.execute_sql(
+                        "EXPLAIN QUERY PLAN " + sql, params).fetchall()]
+                    for name, (sql, params) in queries.items()}
 
     def check_writable(self) -> None:
         """Raise :class:`OutboxError` unless a write transaction can start and write (healthz).
@@ -1264,6 +1501,47 @@ class OutboxWriter:
         if self._closed:
             return
         self.flush(timeout)
+        self._closed = True
+        try:
+            self._pool.apply(self._outbox.close)
+        finally:
+            self._pool.kill()
+
+
+class OutboxReader:
+    """Reads for a page of the gevent service, on their own connection and native thread.
+
+    The :class:`OutboxWriter` pattern (sqlite3 never yields to the hub, so the calling
+    greenlet waits on a native thread cooperatively), with a connection of its own:
+    WAL lets it read while the writer commits, so a page's search never waits for a
+    group commit and never delays one (it would, queued in the writer's one thread).
+    The connection is ``query_only``: nothing the console reads through here can write.
+    """
+
+    def __init__(self, database: str, *, busy_timeout_ms: int = 5000) -> None:
+        self._pool = ThreadPool(1)
+        self._closed = False
+        try:
+            self._outbox: Outbox = self._pool.apply(
+                Outbox, (database,), {"busy_timeout_ms": busy_timeout_ms})
+            self._pool.apply(self._outbox._db.execute_sql, ("PRAGMA query_only = 1",))
+        except BaseException:
+            self._pool.kill()
+            raise
+        self.path = self._outbox.path
+
+    def run(self, fn: Callable[[Outbox], T]) -> T:
+        """``fn(outbox)`` in the reader thread; its exception is re-raised here."""
+        if self._closed:
+            raise OutboxError(f"outbox {self.path} is closed")
+        ok, value = self._pool.apply(_capture, (fn, (self._outbox,), {}))
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         try:
             self._pool.apply(self._outbox.close)
