@@ -222,6 +222,11 @@ class Deliverer:
         #: if no failure was counted since its request started (one failed wave = one).
         self._epoch = 0
         self._probe_at = 0.0  # while down: no request before this time
+        #: when the circuit last changed (``clock``); None: no change since start
+        self.crm_since: float | None = None
+        #: the last transient failure (the error that opened or kept the circuit open)
+        self.crm_last_error: str | None = None
+        self.crm_last_error_at: float | None = None
         timeout = getattr(client, "timeout", None)
         if isinstance(timeout, tuple) and timeout and lease_seconds < 3 * sum(timeout):
             log.warning("delivery.short_lease lease=%.0fs crm_timeout=%s: a slow request "
@@ -485,6 +490,7 @@ class Deliverer:
         failure of the CRM, not one each (``epoch`` is the circuit's epoch when the
         request started), so a one-second blip under full load costs one backoff step.
         """
+        self.crm_last_error, self.crm_last_error_at = outcome.error, now
         if self._down and epoch != self._epoch:
             return  # started before the failure that opened (or re-armed) the circuit
         delay = self.backoff.delay(self._failures, self._rng, outcome.retry_after)
@@ -493,12 +499,14 @@ class Deliverer:
         self._probe_at = max(self._probe_at, now + delay)
         if not self._down:
             self._down = True
+            self.crm_since = now
             log.warning("crm.down reason=%s status=%s error=%s: sending one probe at a time "
                         "until it answers", outcome.reason, outcome.status, outcome.error)
 
     def _crm_answered(self) -> None:
         if self._down:
             log.warning("crm.up after=%d failures: draining the backlog", self._failures)
+            self.crm_since = self._clock()
         self._down = False
         self._epoch += 1
         self._failures = 0

@@ -25,6 +25,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from fs_cc360.crm_request import HISTORY_ENDPOINT, RINGING_ENDPOINT
+
 log = logging.getLogger(__name__)
 
 #: Delivery latency buckets (seconds): a CC360 request takes tens of ms when healthy,
@@ -86,6 +88,11 @@ class Metrics:
             "fs_cc360_outbox_oldest_pending_seconds",
             "Age of the oldest pending outbox row (0 when none)", registry=r,
         )
+        self.outbox_oldest_summary = Gauge(
+            "fs_cc360_outbox_oldest_pending_summary_seconds",
+            "Age of the oldest call summary not delivered yet (0 when none): popups expire, "
+            "summaries wait for the CRM", registry=r,
+        )
         self.outbox_writable = Gauge(
             "fs_cc360_outbox_writable", "1 when the outbox accepted its last write", registry=r
         )
@@ -93,6 +100,16 @@ class Metrics:
             "fs_cc360_deliveries_total",
             "CC360 delivery attempts by result and HTTP status ('none': no response)",
             ["result", "status"], registry=r,
+        )
+        self.crm_requests = Counter(
+            "fs_cc360_crm_requests_total",
+            "CC360 requests sent, by endpoint and HTTP status ('none': no response)",
+            ["endpoint", "status"], registry=r,
+        )
+        self.crm_up = Gauge(
+            "fs_cc360_crm_up",
+            "0 while the delivery circuit is open (the last CC360 attempt failed: CRM down, "
+            "timing out or refusing the login), else 1", registry=r,
         )
         self.delivery_seconds = Histogram(
             "fs_cc360_delivery_seconds", "Time of one CC360 request", buckets=delivery_buckets,
@@ -141,6 +158,7 @@ class Metrics:
             registry=r,
         )
         self.outbox_writable.set(1)
+        self.crm_up.set(1)
         # Known label values start at 0 so rate() and absence alerts work from the start.
         for result in MAKECALL_RESULTS:
             self.makecalls.labels(result=result)
@@ -184,6 +202,7 @@ class Metrics:
         """A CC360 request succeeded. ``kind`` is accepted for symmetry; the label set
         stays ``{result,status}`` as documented."""
         self.deliveries.labels(result="delivered", status=_label(status)).inc()
+        self.crm_requests.labels(endpoint=_endpoint(kind), status=_label(status)).inc()
         self.delivery_seconds.observe(max(0.0, float(seconds)))
 
     def failed(
@@ -192,8 +211,14 @@ class Metrics:
         """A CC360 request failed; ``reason`` is a short word chosen by the caller
         (``retry``, ``dead``, ``auth``, ``timeout``...), never free text."""
         self.deliveries.labels(result=_label(reason, default="failed"), status=_label(status)).inc()
-        if seconds is not None:
+        if seconds is not None:  # a request was sent (not a row declared dead or expired)
+            self.crm_requests.labels(endpoint=_endpoint(kind), status=_label(status)).inc()
             self.delivery_seconds.observe(max(0.0, float(seconds)))
+
+    def watch_crm(self, is_up: Callable[[], bool]) -> None:
+        """Read ``fs_cc360_crm_up`` from ``is_up()`` at every scrape (the Deliverer's
+        circuit: ``lambda: not deliverer.crm_down``)."""
+        self.crm_up.set_function(lambda: 1.0 if is_up() else 0.0)
 
     # -- makecall --------------------------------------------------------------------
 
@@ -227,6 +252,9 @@ class Metrics:
             age = max(0.0, self._clock() - float(at)) if at else 0.0
         if age is not None or "oldest_pending_at" in data:
             self.outbox_oldest.set(max(0.0, float(age or 0)))
+        if "oldest_summary_at" in data:
+            at = data["oldest_summary_at"]
+            self.outbox_oldest_summary.set(max(0.0, self._clock() - float(at)) if at else 0.0)
         for key in _WRITABLE_KEYS:
             if key in data:
                 self.outbox_writable.set(1 if data[key] else 0)
@@ -262,6 +290,11 @@ class Metrics:
         """The Prometheus text exposition and its Content-Type."""
         self.refresh()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _endpoint(kind: str) -> str:
+    """The CC360 endpoint a row of ``kind`` is sent to (summaries: history; popups)."""
+    return HISTORY_ENDPOINT if kind == "summary" else RINGING_ENDPOINT
 
 
 def _status(key: object) -> str:
