@@ -75,6 +75,8 @@ MP3_ENCODERS = ("lame", "ffmpeg")
 DATABASE_SCHEMES = ("sqlite",)
 #: A webapi token shorter than this is accepted with a warning.
 WEAK_TOKEN_LENGTH = 16
+#: The operator console's token (``[webapi] admin_token``) is refused when shorter.
+ADMIN_TOKEN_LENGTH = 16
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_DIGITS = re.compile(r"[0-9]+")
@@ -264,6 +266,15 @@ def _crm_token(value: str) -> str:
 def _url_token(value: str) -> str:
     if value and not _URL_TOKEN.fullmatch(value):
         raise ValueError("expected letters, digits and . _ ~ - only (it is part of a URL path)")
+    return value
+
+
+def _admin_token(value: str) -> str:
+    # the example file's placeholder parses: strict validation refuses it with its own message
+    if value and value != PLACEHOLDER and (
+            len(value) < ADMIN_TOKEN_LENGTH or any(c.isspace() for c in value)):
+        raise ValueError(f"expected at least {ADMIN_TOKEN_LENGTH} characters without spaces "
+                         "(e.g. \"openssl rand -hex 24\"), or empty to turn the console off")
     return value
 
 
@@ -473,6 +484,8 @@ class WebapiSettings:
     convert_to_mp3: bool = _key(False, _bool)
     #: Token for ``/metrics`` (bearer or ``?token=``); empty: ``/metrics`` is open.
     metrics_token: str = _key("", _url_token, secret=True)
+    #: Password of the operator console under ``/ui/``; empty: no console (404).
+    admin_token: str = _key("", _admin_token, secret=True)
     max_connections: int = _key(100, _int_range(1, 100000))
     makecall_per_agent_seconds: float = _key(10.0, _seconds(allow_zero=True))
     tls_cert: Path | None = _key(None, _optional_path)
@@ -992,6 +1005,16 @@ def _check_webapi(settings: Settings, require_crm: bool, problems: list[_Problem
             and not webapi.token):
         problems.append(_problem(settings, "webapi", "token",
                                  "required for recording links when recording_auth = shared"))
+    if webapi.admin_token and webapi.admin_token != PLACEHOLDER:
+        if not webapi.enabled:
+            problems.append(_problem(settings, "webapi", "admin_token",
+                                     "set, but [webapi] enabled = false: the console is served "
+                                     "by the web API (empty it, or enable the web API)"))
+        for other in ("token", "metrics_token"):
+            if hmac.compare_digest(webapi.admin_token, getattr(webapi, other)):
+                problems.append(_problem(settings, "webapi", "admin_token",
+                                         f"a secret of its own, not [webapi] {other} (that one "
+                                         "travels in URLs)"))
     if webapi.enabled and webapi.convert_to_mp3 and not _find_encoder(MP3_ENCODERS):
         problems.append(_problem(settings, "webapi", "convert_to_mp3",
                                  f"needs an MP3 encoder on PATH ({' or '.join(MP3_ENCODERS)}); "

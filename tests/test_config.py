@@ -297,6 +297,7 @@ BAD_VALUES = [
     ("webapi", "cors_origins", "https://crm.example.com/page", "origins"),
     ("webapi", "convert_to_mp3", "mp3", "true or false"),
     ("webapi", "metrics_token", "a?b", "part of a URL path"),
+    ("webapi", "admin_token", "too-short", "at least 16 characters"),
     ("webapi", "max_connections", "0", "whole number"),
     ("webapi", "makecall_per_agent_seconds", "x", ">= 0"),
     ("logging", "level", "TRACE", "DEBUG|INFO|WARNING|ERROR"),
@@ -502,11 +503,11 @@ def test_dump_masks_every_secret() -> None:
     secrets = secret_keys()
     assert sorted(secrets) == sorted([
         "freeswitch.password", "crm.password", "crm.token", "webapi.token",
-        "webapi.recording_secret", "webapi.metrics_token"])
+        "webapi.recording_secret", "webapi.metrics_token", "webapi.admin_token"])
     overrides: dict[str, dict[str, str]] = {}
     for index, key in enumerate(secrets):
         section, name = key.split(".")
-        overrides.setdefault(section, {})[name] = f"secretvalue{index}XYZ"
+        overrides.setdefault(section, {})[name] = f"secretvalue{index}XYZ-long"
     settings = load_settings(env={}, require_crm=False, overrides=overrides)
     dump = settings.dump()
     for key in secrets:
@@ -514,7 +515,7 @@ def test_dump_masks_every_secret() -> None:
         assert dump[section][name] == MASK
     assert "secretvalue" not in repr(dump)
     raw = settings.dump(masked=False)
-    assert raw["crm"]["token"] == f"secretvalue{secrets.index('crm.token')}XYZ"
+    assert raw["crm"]["token"] == f"secretvalue{secrets.index('crm.token')}XYZ-long"
 
 
 def test_dump_shows_unset_secrets_as_empty() -> None:
@@ -596,6 +597,7 @@ def test_example_with_real_secrets_loads_strictly() -> None:
         "FS_CC360_WEBAPI_TOKEN": "a-long-random-makecall-token",
         "FS_CC360_WEBAPI_RECORDING_SECRET": "",
         "FS_CC360_WEBAPI_METRICS_TOKEN": "",
+        "FS_CC360_WEBAPI_ADMIN_TOKEN": "",
     }
     settings = load_settings(EXAMPLE, env=env)
     assert settings.crm.url == "https://crm.example.com"
