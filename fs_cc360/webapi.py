@@ -10,6 +10,8 @@ Routes::
     GET  /<token>/recording/<path>   (and HEAD)    200 | 206 | 304 | 403 | 404 | 416
     GET  /healthz                                  200 | 503 {"esl": bool, "outbox": bool}
     GET  /metrics                                  Prometheus text (optionally token-protected)
+    GET|POST /ui/...                               the operator console (fs_cc360.console),
+                                                   when ``[webapi] admin_token`` is set
 
 The URLs face the network: tokens are compared in constant time; a recording path is
 taken from the raw request line and percent-decoded exactly once (the server's
@@ -73,6 +75,7 @@ access_log = logging.getLogger(__name__ + ".access")
 
 StartResponse = Callable[..., Any]
 Headers = list[tuple[str, str]]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 #: Bytes read from a recording per write to the socket.
 CHUNK_BYTES = 64 * 1024
@@ -165,6 +168,7 @@ class WebApi:
         metrics_token: str = "",
         cors_origins: Sequence[str] = (),
         converter: Mp3Converter | None = None,
+        console: WsgiApp | None = None,
     ) -> None:
         if not token:
             log.warning("webapi.no_token makecall=refused")
@@ -176,12 +180,16 @@ class WebApi:
         self.metrics = metrics
         self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
         self.converter = converter
+        #: the ``/ui`` application (its own auth, headers and errors); None: 404 there
+        self.console = console
 
     # -- WSGI entry --------------------------------------------------------------------
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
         raw = raw_path(environ)
+        if self.console is not None and (raw == "/ui" or raw.startswith("/ui/")):
+            return self.console(environ, start_response)
         try:
             response = self._dispatch(method, raw, environ)
         except Exception:
@@ -393,11 +401,13 @@ def make_app(
     metrics_token: str = "",
     cors_origins: Sequence[str] = (),
     converter: Mp3Converter | None = None,
+    console: WsgiApp | None = None,
 ) -> WebApi:
     """The WSGI application (see the module docstring for the routes)."""
     return WebApi(
         token=token, makecall=makecall, links=links, health=health, metrics=metrics,
         metrics_token=metrics_token, cors_origins=cors_origins, converter=converter,
+        console=console,
     )
 
 
