@@ -24,8 +24,14 @@ from fs_cc360.simulators import wait_until
 from fs_cc360.simulators.crm import FakeCrm
 from tests.fakes.captures import capture_frames, remap, shift_to_now
 from tests.fakes.esl import FakeFreeSwitch
-from tests.test_calls import run
-from tests.test_pipeline import CRM_TOKEN, ESL_PASSWORD, _overrides, by_id, drained, signed_link
+from tests.test_pipeline import (
+    CRM_TOKEN,
+    ESL_PASSWORD,
+    _overrides,
+    by_id,
+    drained,
+    heard_everything,
+)
 
 
 @contextlib.contextmanager
@@ -53,21 +59,6 @@ def call(scenario: str, seed: int, number: bytes, now: float | None = None) -> l
     """A fresh copy of a real call (new UUIDs, another caller number), happening now."""
     return shift_to_now(remap(capture_frames(scenario), seed,
                               replace={b"79991234567": number}), now)
-
-
-def heard_everything(frames: list[bytes]) -> list[tuple]:
-    """The CC360 requests of a connector that heard every event of ``frames``."""
-    out = []
-    for e in run(frames):
-        if e.kind == "summary":
-            out.append(("PushHistoryData",
-                        {"id": e.call_id, "callerid": e.callerid, "user": e.user,
-                         "event": e.direction, "duration": str(e.duration)},
-                        {"FILES": [signed_link(f) for f in e.files]}))
-        else:
-            out.append(("RingingEventHandler", {"id": e.call_id, "eventName": e.kind,
-                                                "callerid": e.callerid, "user": e.user}, None))
-    return out
 
 
 def summaries_by_id(crm: FakeCrm) -> dict[str, int]:

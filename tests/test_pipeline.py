@@ -28,7 +28,7 @@ from fs_cc360.simulators import wait_until
 from fs_cc360.simulators.crm import FakeCrm
 from tests.fakes.captures import SCENARIOS, capture_frames, interleave, remap, shift_to_now
 from tests.fakes.esl import FakeFreeSwitch
-from tests.test_calls import CALLER, EXPECTED, REC
+from tests.test_calls import CALLER, EXPECTED, REC, run
 
 ESL_PASSWORD = "test-esl-secret"
 CRM_TOKEN = "who-calls-token"
@@ -114,6 +114,21 @@ def expected_requests(scenario: str, frames: list[bytes]) -> list[tuple]:
     return out
 
 
+def heard_everything(frames: list[bytes]) -> list[tuple]:
+    """The CC360 requests of a connector that heard every event of ``frames``."""
+    out = []
+    for e in run(frames):
+        if e.kind == "summary":
+            out.append(("PushHistoryData",
+                        {"id": e.call_id, "callerid": e.callerid, "user": e.user,
+                         "event": e.direction, "duration": str(e.duration)},
+                        {"FILES": [signed_link(f) for f in e.files]}))
+        else:
+            out.append(("RingingEventHandler", {"id": e.call_id, "eventName": e.kind,
+                                                "callerid": e.callerid, "user": e.user}, None))
+    return out
+
+
 def by_id(events: list) -> dict[str, list]:
     calls: dict[str, list] = {}
     for event in events:
@@ -151,6 +166,29 @@ def test_anonymous_mode_uses_the_service_path_and_never_logs_in(tmp_path: Path) 
         for rec in crm.event_requests():
             assert f"/0/ServiceModel/OmniWhoCallsService.svc/{CRM_TOKEN}/" in rec.path
             assert "bpmcsrf" not in rec.headers
+
+
+def test_contact_center_calls_interleaved_with_the_others_end_to_end(tmp_path: Path) -> None:
+    """q1, p1 and r1 with fresh UUIDs and caller numbers, interleaved with every other
+    capture on one connection: the CRM gets exactly the requests of each call heard
+    alone (the tracker's rules are checked per capture in tests/test_calls.py)."""
+    calls = []
+    for n, scenario in enumerate(SCENARIOS):
+        number = b"7812%07d" % (500 + n)
+        calls.append(remap(capture_frames(scenario), 500 + n,
+                           replace={CALLER.encode(): number}))
+    assert {"q1_queue_first_agent_no_answer", "p1_call_pickup_102_intercepts_101",
+            "r1_loopback_ring_group_102_answers"} <= set(SCENARIOS)
+    stream = shift_to_now(interleave(calls, seed=11))
+    want: list[tuple] = []
+    for frames in calls:
+        want += heard_everything(shift_to_now(frames))
+    with pipeline(tmp_path) as (service, fs, crm):
+        fs.push_events(stream)
+        assert wait_until(lambda: drained(service) and len(crm.events()) >= len(want), 30)
+        gevent.sleep(0.3)
+        got = by_id([tuple(e) for e in crm.events()])
+    assert got == by_id(want)
 
 
 @pytest.mark.parametrize("skew", [-900, 900], ids=["freeswitch-15min-behind",
