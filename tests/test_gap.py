@@ -17,7 +17,6 @@ from pathlib import Path
 import gevent
 import pytest
 
-from fs_cc360.config import load_settings
 from fs_cc360.events import parse_event
 from fs_cc360.service import Service
 from fs_cc360.simulators import wait_until
@@ -27,24 +26,18 @@ from tests.fakes.esl import FakeFreeSwitch
 from tests.test_pipeline import (
     CRM_TOKEN,
     ESL_PASSWORD,
-    _overrides,
     by_id,
     drained,
     heard_everything,
+    running,
 )
 
 
 @contextlib.contextmanager
 def connector(fs: FakeFreeSwitch, crm: FakeCrm, tmp: Path) -> Iterator[Service]:
     """A service on ``tmp``'s outbox with the automatic catch-up on ``fs``'s CDR files."""
-    overrides = _overrides(fs, crm, tmp, {"backfill": {"cdr_dir": str(fs.switch.cdr_dir)}})
-    service = Service(load_settings(None, env={}, overrides=overrides))
-    service.start()
-    try:
-        assert fs.wait_connected(10), "the service did not connect to FreeSWITCH"
+    with running(fs, crm, tmp, {"backfill": {"cdr_dir": str(fs.switch.cdr_dir)}}) as service:
         yield service
-    finally:
-        service.stop()
 
 
 @contextlib.contextmanager

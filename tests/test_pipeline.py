@@ -56,18 +56,25 @@ def _overrides(fs: FakeFreeSwitch, crm: FakeCrm, tmp: Path, extra: dict | None =
 
 
 @contextlib.contextmanager
+def running(fs: FakeFreeSwitch, crm: FakeCrm, tmp: Path, extra: dict | None = None,
+            connected: bool = True) -> Iterator[Service]:
+    """The real Service on ``tmp``'s outbox, between ``fs`` and ``crm``; stopped on exit."""
+    service = Service(load_settings(None, env={}, overrides=_overrides(fs, crm, tmp, extra)))
+    service.start()
+    try:
+        if connected:
+            assert fs.wait_connected(10), "the service did not connect to FreeSWITCH"
+        yield service
+    finally:
+        service.stop()
+
+
+@contextlib.contextmanager
 def pipeline(tmp: Path, mode: str = "forms", **extra: dict
              ) -> Iterator[tuple[Service, FakeFreeSwitch, FakeCrm]]:
     with FakeCrm(mode=mode, token=CRM_TOKEN) as crm, \
-            FakeFreeSwitch(password=ESL_PASSWORD) as fs:
-        settings = load_settings(None, env={}, overrides=_overrides(fs, crm, tmp, extra))
-        service = Service(settings)
-        service.start()
-        try:
-            assert fs.wait_connected(10), "the service did not connect to FreeSWITCH"
-            yield service, fs, crm
-        finally:
-            service.stop()
+            FakeFreeSwitch(password=ESL_PASSWORD) as fs, running(fs, crm, tmp, extra) as service:
+        yield service, fs, crm
 
 
 def drained(service: Service) -> bool:

@@ -27,7 +27,7 @@ from fs_cc360.simulators.crm import FakeCrm
 from tests.fakes.captures import SCENARIOS, capture_frames, remap, shift_to_now
 from tests.fakes.esl import FakeFreeSwitch
 from tests.test_calls import EXPECTED, run, simplify
-from tests.test_pipeline import CRM_TOKEN, ESL_PASSWORD, _overrides, by_id, drained
+from tests.test_pipeline import CRM_TOKEN, ESL_PASSWORD, by_id, drained, running
 
 T1, T2 = "tenant1.example.com", "tenant2.example.com"
 _DOMAIN_HEADERS = (b"variable_dialed_domain", b"variable_domain_name",
@@ -138,13 +138,8 @@ def test_domains_setting() -> None:
 @contextlib.contextmanager
 def tenant_connector(fs: FakeFreeSwitch, crm: FakeCrm, tmp: pathlib.Path,
                      domain: str) -> Iterator[Service]:
-    overrides = _overrides(fs, crm, tmp, {"calls": {"domains": domain}})
-    service = Service(load_settings(None, env={}, overrides=overrides))
-    service.start()
-    try:
+    with running(fs, crm, tmp, {"calls": {"domains": domain}}, connected=False) as service:
         yield service
-    finally:
-        service.stop()
 
 
 def test_two_tenants_on_one_switch_each_crm_sees_exactly_its_calls(
