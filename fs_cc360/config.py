@@ -42,7 +42,7 @@ from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import phonenumbers
 
@@ -71,8 +71,9 @@ ORIGINATE_OPTIONAL = ("domain",)
 TENANT_ORIGINATE = "{vars}user/{agent}@{domain} {client} XML default"
 #: Encoders that ``[webapi] convert_to_mp3`` can use.
 MP3_ENCODERS = ("lame", "ffmpeg")
-#: URL schemes ``[outbox] database`` accepts (the outbox implements SQLite only).
-DATABASE_SCHEMES = ("sqlite",)
+#: URL schemes ``[outbox] database`` accepts: a SQLite file, or a PostgreSQL server
+#: shared by the connectors of several FreeSWITCH nodes (fs_cc360/outbox_pg.py).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
 #: A webapi token shorter than this is accepted with a warning.
 WEAK_TOKEN_LENGTH = 16
 #: The operator console's token (``[webapi] admin_token``) is refused when shorter.
@@ -280,13 +281,49 @@ def _admin_token(value: str) -> str:
 
 def _database(value: str) -> str:
     if not value:
-        raise ValueError("expected a file path or a sqlite:/// URL")
+        raise ValueError("expected a file path, a sqlite:/// URL or a "
+                         "postgresql://user@host:5432/dbname URL")
     if "://" in value:
         scheme = value.split("://", 1)[0].lower()
         if scheme not in DATABASE_SCHEMES:
             raise ValueError(
                 f"expected a file path or a URL with scheme {'|'.join(DATABASE_SCHEMES)}"
             )
+        if scheme != "sqlite":
+            parts = urlsplit(value)
+            try:
+                parts.port  # noqa: B018 (raises on a bad port)
+            except ValueError:
+                raise ValueError("expected postgresql://user@host:5432/dbname "
+                                 "(the port is not a number)") from None
+            if not parts.path.strip("/"):
+                raise ValueError("expected postgresql://user@host:5432/dbname "
+                                 "(the database name is missing)")
+    return value
+
+
+def mask_database_url(value: str) -> str:
+    """``[outbox] database`` with the password of a URL replaced by ``***`` (logs, errors,
+    check-config): ``postgresql://fs:***@db:5432/cc360``."""
+    if "://" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{MASK}@{host}"))
+
+
+def _journal_path(value: str) -> str:
+    if not value or "://" in value or value == ":memory:":
+        raise ValueError("expected a file path (a local SQLite file)")
+    return value
+
+
+def _node_name(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        raise ValueError("expected a short name (letters, digits, . _ -), e.g. fs1, "
+                         "or empty for the host name")
     return value
 
 
@@ -419,10 +456,18 @@ class CrmSettings:
 
 @dataclass(frozen=True)
 class OutboxSettings:
-    """``[outbox]``: the durable SQLite outbox."""
+    """``[outbox]``: the durable outbox (a SQLite file, or PostgreSQL shared by nodes)."""
 
-    #: A file path (relative to the working directory) or a ``sqlite://`` URL.
+    #: A file path (relative to the working directory), a ``sqlite://`` URL or a
+    #: ``postgresql://user@host:5432/dbname`` URL (its password is masked everywhere).
     database: str = _key("fs-cc360.sqlite3", _database)
+    #: The PostgreSQL password when not in the URL (else libpq's PGPASSWORD / ~/.pgpass).
+    password: str = _key("", _text, secret=True)
+    #: This connector's name on the rows of a shared PostgreSQL outbox (empty: host name).
+    node: str = _key("", _node_name)
+    #: With PostgreSQL: the local SQLite file where rows are committed while the server
+    #: is unreachable, moved to PostgreSQL in order when it is back (and the position).
+    journal: str = _key("fs-cc360.journal.sqlite3", _journal_path)
     synchronous: str = _key("FULL", _choice("OFF", "NORMAL", "FULL", "EXTRA"))
     #: Delivered rows are purged after this many days; pending rows never are.
     retention_days: float = _key(7.0, _seconds(unit="days"))
@@ -628,6 +673,8 @@ class Settings:
                 text = _format(getattr(section, f.name))
                 if masked and f.metadata["secret"] and text:
                     text = MASK
+                elif masked and name == "outbox" and f.name == "database":
+                    text = mask_database_url(text)
                 values[f.name] = text
             result[name] = values
         return result
@@ -677,6 +724,8 @@ class _Problem:
 
 def _value_problem(section: str, key: str, value: str, source: ValueSource,
                    expected: str) -> _Problem:
+    if (section, key) == ("outbox", "database"):
+        value = mask_database_url(value)
     shown = MASK if value and _is_secret(section, key) else repr(value)
     return _Problem(f"{section}.{key}", source,
                     f"[{section}] {key} = {shown} {source.describe()}: {expected}")

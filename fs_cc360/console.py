@@ -649,7 +649,8 @@ def build_console(service: Service) -> Console:
                             web.admin_token])
     return Console(
         admin_token=web.admin_token,
-        reader=OutboxReader(settings.outbox.database),
+        reader=OutboxReader(settings.outbox.database,
+                            password=settings.outbox.password or None),
         requeue=requeue,
         state=lambda: service_state(service),
         request_url=lambda request: service.client.url_for(request, masked=True),

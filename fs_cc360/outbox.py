@@ -140,6 +140,8 @@ class Row:
     updated_at: float
     delivered_at: float | None
     event_at: float | None
+    #: the connector (``[outbox] node``) that enqueued it; "" in a SQLite outbox (one node)
+    node: str = ""
 
     def crm_request(self) -> CrmRequest:
         return CrmRequest.from_json(self.request)
@@ -165,6 +167,8 @@ class OutboxStats:
     last_error_at: float | None = None
     #: created_at of the oldest pending/inflight summary (popups expire; summaries wait)
     oldest_summary_at: float | None = None
+    #: node -> status -> rows (a shared PostgreSQL outbox only; empty for SQLite)
+    by_node: dict[str, dict[OutboxStatus, int]] = field(default_factory=dict)
 
     def count(self, status: OutboxStatus | str) -> int:
         return self.counts.get(OutboxStatus(status), 0)
@@ -183,6 +187,9 @@ class OutboxStats:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "oldest_summary_at": self.oldest_summary_at,
+            **({"by_node": {node: {status.value: n for status, n in counts.items()}
+                            for node, counts in sorted(self.by_node.items())}}
+               if self.by_node else {}),
         }
 
 
@@ -267,7 +274,8 @@ class OutboxMeta(peewee.Model):
         table_name = "outbox_meta"
 
 
-_ROW_FIELDS = tuple(Row.__dataclass_fields__)
+#: The columns of a SQLite outbox (``node`` only exists in a shared PostgreSQL one).
+_ROW_FIELDS = tuple(name for name in Row.__dataclass_fields__ if name != "node")
 _ROW_COLUMNS = ", ".join(f'"{name}"' for name in _ROW_FIELDS)
 _STATUS_INDEX = _ROW_FIELDS.index("status")
 _LEASE_INDEX = _ROW_FIELDS.index("lease_until")
@@ -500,6 +508,8 @@ class Outbox:
         self._clock = clock
         #: Summaries :meth:`enqueue` left out because their call already had one.
         self.summaries_skipped = 0
+        #: The connector's name on its rows: "" here (a SQLite outbox has one node).
+        self.node = ""
         pragmas = [
             ("journal_mode", "wal"),
             ("synchronous", sync),
@@ -612,6 +622,11 @@ class Outbox:
         elif self.path != ":memory:":
             log.warning("outbox.no_wal path=%s journal_mode=%s", self.path, mode)
 
+    def make_read_only(self) -> None:
+        """Refuse every write on this connection from now on (the console's reader)."""
+        with self._read():
+            self._db.execute_sql("PRAGMA query_only = 1")
+
     def pragma(self, name: str) -> Any:
         """The current value of a SQLite pragma (for tests and ``check-config``)."""
         if not name.replace("_", "").isalnum():
@@ -638,6 +653,13 @@ class Outbox:
                 f"WHERE call_key = ?1 AND (is_head = 1 OR status IN {_OPEN})",
                 (key,),
             )
+
+    def _lock_keys(self, keys: Iterable[str]) -> None:
+        """Serialise writers of these calls until commit (no-op: SQLite has one writer)."""
+
+    def _insert_attempts(self, history: Sequence[tuple[Any, ...]]) -> None:
+        """Rows of ``outbox_attempt``: (row_id, at, outcome, status, error) each."""
+        self._db.cursor().executemany(_ATTEMPT_SQL, history)
 
     def _set_meta(self, key: str, value: str | None) -> None:
         self._Meta.insert(key=key, value=value).on_conflict_replace().execute()
@@ -942,10 +964,11 @@ class Outbox:
                 batch = [self._row(data) for data in
                          query.where(entry.id > after).order_by(entry.id).limit(PAGE_SIZE).dicts()]
                 if batch and not dry_run:
+                    self._lock_keys(row.call_key for row in batch)
                     (entry.update(status=OutboxStatus.pending.value, attempts=0, rejections=0,
                                   next_attempt_at=now, lease_until=None, updated_at=now)
                      .where(entry.id.in_([row.id for row in batch])).execute())
-                    self._db.cursor().executemany(_ATTEMPT_SQL, [
+                    self._insert_attempts([
                         (row.id, now, "requeued", None, f"was {row.status.value}: sent again")
                         for row in batch])
                     self._refresh_heads(row.call_key for row in batch)
@@ -1294,6 +1317,36 @@ def _capture(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         return False, exc
 
 
+def is_postgresql(database: str) -> bool:
+    """Whether ``[outbox] database`` names a PostgreSQL server (else a SQLite file)."""
+    return database.split("://", 1)[0].lower() in ("postgresql", "postgres") \
+        if "://" in database else False
+
+
+def open_outbox(
+    database: str,
+    *,
+    synchronous: str = "FULL",
+    busy_timeout_ms: int = 5000,
+    clock: Callable[[], float] = time.time,
+    node: str | None = None,
+    password: str | None = None,
+) -> Outbox:
+    """The one place that picks the storage: :class:`Outbox` for a SQLite path or
+    ``sqlite://`` URL, :class:`fs_cc360.outbox_pg.PgOutbox` for ``postgresql://``.
+
+    ``node`` (the connector's name, recorded on every row) and ``password`` only mean
+    something to PostgreSQL; a SQLite outbox belongs to one node.
+    """
+    if is_postgresql(database):
+        from fs_cc360.outbox_pg import PgOutbox  # the edge: only PostgreSQL needs psycopg
+
+        return PgOutbox(database, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
+                        clock=clock, node=node, password=password)
+    return Outbox(database, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
+                  clock=clock)
+
+
 class OutboxWriter:
     """An :class:`Outbox` behind ONE native thread, for the gevent service.
 
@@ -1323,6 +1376,8 @@ class OutboxWriter:
         busy_timeout_ms: int = 5000,
         max_batch: int = 1000,
         clock: Callable[[], float] = time.time,
+        node: str | None = None,
+        password: str | None = None,
     ) -> None:
         self._pool = ThreadPool(1)
         #: Called with the new ids after every group commit (e.g. ``Deliverer.notify``).
@@ -1335,8 +1390,9 @@ class OutboxWriter:
         self._closed = False
         try:
             self._outbox: Outbox = self._pool.apply(
-                Outbox, (database,),
-                {"synchronous": synchronous, "busy_timeout_ms": busy_timeout_ms, "clock": clock})
+                open_outbox, (database,),
+                {"synchronous": synchronous, "busy_timeout_ms": busy_timeout_ms, "clock": clock,
+                 "node": node, "password": password})
         except BaseException:
             self._pool.kill()
             raise
@@ -1477,6 +1533,11 @@ class OutboxWriter:
     def stats(self, now: float | None = None) -> OutboxStats:
         return self._call(self._outbox.stats, now)
 
+    @property
+    def node(self) -> str:
+        """This connector's node name ("" for a SQLite outbox)."""
+        return self._outbox.node
+
     def pragma(self, name: str) -> Any:
         return self._call(self._outbox.pragma, name)
 
@@ -1518,13 +1579,15 @@ class OutboxReader:
     The connection is ``query_only``: nothing the console reads through here can write.
     """
 
-    def __init__(self, database: str, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, database: str, *, busy_timeout_ms: int = 5000,
+                 password: str | None = None) -> None:
         self._pool = ThreadPool(1)
         self._closed = False
         try:
             self._outbox: Outbox = self._pool.apply(
-                Outbox, (database,), {"busy_timeout_ms": busy_timeout_ms})
-            self._pool.apply(self._outbox._db.execute_sql, ("PRAGMA query_only = 1",))
+                open_outbox, (database,), {"busy_timeout_ms": busy_timeout_ms,
+                                           "password": password})
+            self._pool.apply(self._outbox.make_read_only)
         except BaseException:
             self._pool.kill()
             raise

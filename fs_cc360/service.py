@@ -44,7 +44,7 @@ from fs_cc360.esl import EslClient
 from fs_cc360.events import ChannelEvent
 from fs_cc360.makecall import MakeCall
 from fs_cc360.metrics import Metrics
-from fs_cc360.outbox import NewItem, OutboxWriter
+from fs_cc360.outbox import NewItem, OutboxWriter, is_postgresql
 from fs_cc360.position import Position
 from fs_cc360.recordings import Mp3Converter, RecordingLinks
 from fs_cc360.resync import ResyncError, channel_uuids, dump_headers, plan_gap
@@ -154,11 +154,15 @@ class Service:
         self.clock_offset = ClockOffset()
         self.links = recording_links(settings)
         self.outbox = OutboxWriter(settings.outbox.database,
-                                   synchronous=settings.outbox.synchronous)
+                                   synchronous=settings.outbox.synchronous,
+                                   node=settings.outbox.node or None,
+                                   password=settings.outbox.password or None)
         self.outbox_ok = True
         #: FreeSWITCH time of the last event read, kept across restarts (the catch-up
         #: after a start reads the CDR files of legs that ended since then).
-        self.position = Position.next_to(self.outbox.path)
+        self.position = Position.next_to(
+            settings.outbox.journal if is_postgresql(settings.outbox.database)
+            else self.outbox.path)  # a shared outbox: the position is this node's, local
         #: The position when the connection was last lost (or when the service started).
         self._gap_from = self.position.last_event_at
         self._gap_lock = gevent.lock.Semaphore()

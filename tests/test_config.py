@@ -259,6 +259,10 @@ BAD_VALUES = [
     ("crm", "verify_tls", "maybe", "true or false"),
     ("outbox", "database", "", "file path"),
     ("outbox", "database", "mysql://db/x", "sqlite"),
+    ("outbox", "database", "postgresql://fs@db:port/cc360", "port is not a number"),
+    ("outbox", "database", "postgresql://fs@db:5432/", "database name is missing"),
+    ("outbox", "node", "fs 1", "short name"),
+    ("outbox", "journal", "", "file path"),
     ("outbox", "synchronous", "FAST", "OFF|NORMAL|FULL|EXTRA"),
     ("outbox", "retention_days", "0", "days > 0"),
     ("delivery", "concurrency", "0", "from 1 to 256"),
@@ -326,7 +330,7 @@ def test_every_key_has_a_failing_case() -> None:
     checked = {f"{s}.{k}" for s, k, _, _ in BAD_VALUES}
     # Free text: anything goes (login, passwords, secrets; optional paths checked jointly).
     free = {"crm.login", "crm.password", "crm.ca_bundle", "webapi.recording_secret",
-            "webapi.tls_cert", "webapi.tls_key", "backfill.cdr_dir"}
+            "webapi.tls_cert", "webapi.tls_key", "backfill.cdr_dir", "outbox.password"}
     every = {f"{s}.{k}" for s, keys in defaults_table().items() for k in keys}
     assert every - free == checked
 
@@ -502,8 +506,9 @@ def test_short_webapi_token_warns(caplog: pytest.LogCaptureFixture) -> None:
 def test_dump_masks_every_secret() -> None:
     secrets = secret_keys()
     assert sorted(secrets) == sorted([
-        "freeswitch.password", "crm.password", "crm.token", "webapi.token",
-        "webapi.recording_secret", "webapi.metrics_token", "webapi.admin_token"])
+        "freeswitch.password", "crm.password", "crm.token", "outbox.password",
+        "webapi.token", "webapi.recording_secret", "webapi.metrics_token",
+        "webapi.admin_token"])
     overrides: dict[str, dict[str, str]] = {}
     for index, key in enumerate(secrets):
         section, name = key.split(".")
@@ -576,6 +581,9 @@ def test_example_secrets_are_placeholders() -> None:
     raw = load_settings(EXAMPLE, env={}, require_crm=False).dump(masked=False)
     for key in secret_keys():
         section, name = key.split(".")
+        if key == "outbox.password":  # only for PostgreSQL; a placeholder would be refused
+            assert raw[section][name] == "", key
+            continue
         assert raw[section][name] == "change-me", key
 
 
@@ -698,3 +706,18 @@ def test_settings_are_frozen() -> None:
 def test_path_like_accepted(tmp_path: pathlib.Path) -> None:
     path = write(tmp_path, VALID)
     assert load_settings(os.fspath(path), env={}).crm.login == "robot"
+
+
+def test_a_postgresql_outbox_url_is_accepted_and_its_password_masked(
+        tmp_path: pathlib.Path) -> None:
+    url = "postgresql://fs:pg-secret-42@db.example:5432/cc360"
+    path = write(tmp_path, f"[outbox]\ndatabase = {url}\nnode = fs1\npassword = other-secret\n")
+    settings = load_settings(path, env={}, require_crm=False)
+    assert settings.outbox.database == url and settings.outbox.node == "fs1"
+    dump = settings.dump()
+    assert dump["outbox"]["database"] == "postgresql://fs:***@db.example:5432/cc360"
+    assert dump["outbox"]["password"] == MASK
+    assert "pg-secret-42" not in repr(dump) and "other-secret" not in repr(dump)
+    bad = write(tmp_path, "[outbox]\ndatabase = postgresql://fs:pg-secret-42@db:x/cc360\n")
+    error = config_error(bad, require_crm=False)
+    assert "[outbox] database" in str(error) and "pg-secret-42" not in str(error)

@@ -643,3 +643,30 @@ def test_outbox_is_usable_from_two_native_threads(tmp_path: Path) -> None:
     assert len(idents) == 2 and get_original("threading", "get_ident")() not in idents
     assert box.stats().count("pending") == 100
     box.close()
+
+
+# -- the same contract on PostgreSQL (a real server: tests/pg_server.py) ------------------
+
+
+class TestPgOutbox(OutboxContract):
+    @pytest.fixture
+    def box(self, pg_url: str) -> Iterator[Any]:
+        from fs_cc360.outbox_pg import PgOutbox
+
+        outbox = PgOutbox(pg_url, node="node-a")
+        yield outbox
+        outbox.close()
+
+    def test_pragmas_are_set(self, box: Any) -> None:
+        assert box.pragma("server_encoding") == "UTF8"  # PostgreSQL has settings, not pragmas
+
+
+class TestPgOutboxWriter(OutboxContract):
+    @pytest.fixture
+    def box(self, pg_url: str) -> Iterator[OutboxWriter]:
+        writer = OutboxWriter(pg_url, node="node-a")
+        yield writer
+        writer.close()
+
+    def test_pragmas_are_set(self, box: Any) -> None:
+        assert box.pragma("server_encoding") == "UTF8"

@@ -33,7 +33,8 @@ from fs_cc360.cli.common import (
 from fs_cc360.config import Settings
 from fs_cc360.crm_request import CrmRequest
 from fs_cc360.errors import ConfigError
-from fs_cc360.outbox import Outbox, OutboxStats, OutboxStatus, Row
+from fs_cc360.outbox import Outbox, OutboxStats, OutboxStatus, Row, is_postgresql
+from fs_cc360.outbox import open_outbox as open_storage
 
 #: Pending rows older than this while nothing was delivered for as long: "stalled".
 STALL_AFTER = 300.0
@@ -55,6 +56,7 @@ def register(sub: Any) -> None:
     osub.required = True
 
     stats = osub.add_parser("stats", help="counts, ages and a health verdict (exit 1: unhealthy)")
+    _node_flag(stats)
     _json_flag(stats)
     stats.set_defaults(func=cmd_stats)
 
@@ -65,6 +67,7 @@ def register(sub: Any) -> None:
     _time_flags(lst)
     lst.add_argument("--limit", type=_non_negative_int, default=50, metavar="N",
                      help="at most N rows (default 50; 0 = all)")
+    _node_flag(lst)
     _json_flag(lst)
     lst.set_defaults(func=cmd_list)
 
@@ -90,6 +93,22 @@ def register(sub: Any) -> None:
     purge.add_argument("--dry-run", action="store_true", help="count without deleting")
     _json_flag(purge)
     purge.set_defaults(func=cmd_purge)
+
+
+def _node_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node", metavar="NAME",
+                        help="only the rows this connector enqueued ([outbox] node; a "
+                             "postgresql:// outbox shared by several FreeSWITCH nodes)")
+
+
+def node_filter(settings: Settings, node: str | None) -> dict[str, str]:
+    """``{"node": node}`` for a shared PostgreSQL outbox; a SQLite one has no nodes."""
+    if node is None:
+        return {}
+    if not is_postgresql(settings.outbox.database):
+        raise ConfigError("--node needs a shared outbox ([outbox] database = postgresql://"
+                          "...): a SQLite outbox belongs to one node", key="outbox.database")
+    return {"node": node}
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +146,8 @@ def _non_negative_float(text: str) -> float:
 
 def database_file(database: str) -> Path | None:
     """The file behind ``[outbox] database`` (a path or ``sqlite:///`` URL); None for memory."""
+    if is_postgresql(database):
+        return None
     if "://" in database:
         path = urlsplit(database).path
         path = path[1:] if path.startswith("/") else path  # sqlite:///rel, sqlite:////abs
@@ -152,6 +173,10 @@ def open_outbox(settings: Settings, *, create: bool = False) -> Outbox:
     make an empty outbox there and report "nothing to do".
     """
     database = settings.outbox.database
+    if is_postgresql(database):
+        return open_storage(database, synchronous=settings.outbox.synchronous,
+                            node=settings.outbox.node or None,
+                            password=settings.outbox.password or None)
     path = database_file(database)
     if path is not None and not create and not path.exists():
         raise ConfigError(
@@ -245,9 +270,10 @@ def health(stats: OutboxStats, now: float) -> Health:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = cli_settings(args)
+    by_node = node_filter(settings, args.node)
     outbox = open_outbox(settings)
     try:
-        stats = outbox.stats()
+        stats = outbox.stats(**by_node)
     finally:
         outbox.close()
     now = time.time()
@@ -263,7 +289,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return EXIT_OK if verdict.ok else EXIT_PROBLEM
     kinds = sorted({kind for _, kind in stats.by_kind} | set(KINDS),
                    key=lambda k: (KINDS.index(k) if k in KINDS else len(KINDS), k))
-    print(f"outbox {outbox.path}: {plural(stats.total, 'row')}")
+    shown = f" (node {args.node})" if args.node else ""
+    print(f"outbox {outbox.path}{shown}: {plural(stats.total, 'row')}")
     print_table(
         ([status.value, stats.count(status),
           *(stats.by_kind.get((status, kind), 0) for kind in kinds)]
@@ -278,6 +305,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"last delivery:   {_ago(stats.last_delivered_at, now)}")
     error = f": {stats.last_error}" if stats.last_error else ""
     print(f"last error:      {_ago(stats.last_error_at, now)}{error}")
+    if stats.by_node:
+        print()
+        print_table(([node, sum(counts.values()),
+                      *(counts.get(status, 0) for status in OutboxStatus)]
+                     for node, counts in sorted(stats.by_node.items())),
+                    ["NODE", "TOTAL", *(status.value.upper() for status in OutboxStatus)])
     print()
     print(verdict.message)
     return EXIT_OK if verdict.ok else EXIT_PROBLEM
@@ -309,15 +342,20 @@ def row_summary(row: Row) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = cli_settings(args)
+    by_node = node_filter(settings, args.node)
     outbox = open_outbox(settings)
     try:
         rows: Iterator[Row] = outbox.list_rows(
             status=args.status, kind=args.kind, call_key=args.call, since=args.since,
-            until=args.until, limit=args.limit or None)
+            until=args.until, limit=args.limit or None, **by_node)
         if args.json:
             stream_json_array(row_summary(row) for row in rows)
             return EXIT_OK
-        count = print_table((list_columns(row) for row in rows), LIST_HEADERS)
+        if is_postgresql(settings.outbox.database):  # a shared outbox: whose row it is
+            count = print_table(([*list_columns(row), row.node] for row in rows),
+                                [*LIST_HEADERS, "NODE"])
+        else:
+            count = print_table((list_columns(row) for row in rows), LIST_HEADERS)
     finally:
         outbox.close()
     if count == 0:
