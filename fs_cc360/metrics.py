@@ -96,6 +96,11 @@ class Metrics:
         self.outbox_writable = Gauge(
             "fs_cc360_outbox_writable", "1 when the outbox accepted its last write", registry=r
         )
+        self.outbox_journal = Gauge(
+            "fs_cc360_outbox_journal_rows",
+            "Rows committed to the local journal while the shared PostgreSQL outbox was "
+            "unreachable, not moved to it yet (0 with a SQLite outbox)", registry=r,
+        )
         self.deliveries = Counter(
             "fs_cc360_deliveries_total",
             "CC360 delivery attempts by result and HTTP status ('none': no response)",

@@ -1331,18 +1331,27 @@ def open_outbox(
     clock: Callable[[], float] = time.time,
     node: str | None = None,
     password: str | None = None,
+    journal: str | None = None,
 ) -> Outbox:
     """The one place that picks the storage: :class:`Outbox` for a SQLite path or
     ``sqlite://`` URL, :class:`fs_cc360.outbox_pg.PgOutbox` for ``postgresql://``.
 
-    ``node`` (the connector's name, recorded on every row) and ``password`` only mean
-    something to PostgreSQL; a SQLite outbox belongs to one node.
+    ``node`` (the connector's name, recorded on every row), ``password`` and ``journal``
+    only mean something to PostgreSQL; a SQLite outbox belongs to one node. With a
+    ``journal`` path (the service), rows are committed there while PostgreSQL is
+    unreachable (:class:`fs_cc360.outbox_journal.JournaledOutbox`).
     """
     if is_postgresql(database):
+        options: dict[str, Any] = {"synchronous": synchronous,
+                                   "busy_timeout_ms": busy_timeout_ms, "clock": clock,
+                                   "node": node, "password": password}
+        if journal:
+            from fs_cc360.outbox_journal import JournaledOutbox
+
+            return JournaledOutbox(database, journal, **options)  # type: ignore[return-value]
         from fs_cc360.outbox_pg import PgOutbox  # the edge: only PostgreSQL needs psycopg
 
-        return PgOutbox(database, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
-                        clock=clock, node=node, password=password)
+        return PgOutbox(database, **options)
     return Outbox(database, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms,
                   clock=clock)
 
@@ -1378,6 +1387,7 @@ class OutboxWriter:
         clock: Callable[[], float] = time.time,
         node: str | None = None,
         password: str | None = None,
+        journal: str | None = None,
     ) -> None:
         self._pool = ThreadPool(1)
         #: Called with the new ids after every group commit (e.g. ``Deliverer.notify``).
@@ -1392,7 +1402,7 @@ class OutboxWriter:
             self._outbox: Outbox = self._pool.apply(
                 open_outbox, (database,),
                 {"synchronous": synchronous, "busy_timeout_ms": busy_timeout_ms, "clock": clock,
-                 "node": node, "password": password})
+                 "node": node, "password": password, "journal": journal})
         except BaseException:
             self._pool.kill()
             raise
@@ -1537,6 +1547,11 @@ class OutboxWriter:
     def node(self) -> str:
         """This connector's node name ("" for a SQLite outbox)."""
         return self._outbox.node
+
+    @property
+    def journaled(self) -> int:
+        """Rows in the local journal waiting for PostgreSQL (0 unless one is down)."""
+        return int(getattr(self._outbox, "journaled", 0))
 
     def pragma(self, name: str) -> Any:
         return self._call(self._outbox.pragma, name)

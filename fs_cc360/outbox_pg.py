@@ -400,9 +400,13 @@ class PgOutbox(Outbox):
 
     # -- writes -----------------------------------------------------------------------
 
-    def enqueue(self, items: Sequence[NewItem], *, now: float | None = None) -> list[int]:
+    def enqueue(self, items: Sequence[NewItem], *, now: float | None = None,
+                progress: tuple[str, str] | None = None) -> list[int]:
         """As :meth:`Outbox.enqueue`; the one-summary rule holds across nodes (a unique
-        partial index: a racing node's summary makes ours resolve to its row)."""
+        partial index: a racing node's summary makes ours resolve to its row).
+
+        ``progress`` (key, value) is written to ``outbox_meta`` in the same transaction
+        (the journal's "moved up to" mark: see fs_cc360/outbox_journal.py)."""
         if not items:
             return []
         now = self._now(now)
@@ -440,7 +444,15 @@ class PgOutbox(Outbox):
                     found = cursor.fetchone()
                 open_keys.add(item.call_key)
                 ids.append(found[0])
+            if progress is not None:
+                self._set_meta(*progress)
         return ids
+
+    def meta(self, key: str) -> str | None:
+        """A value of ``outbox_meta`` (None when unset)."""
+        with self._read():
+            found = self._sql("SELECT value FROM outbox_meta WHERE key = %s", (key,)).fetchone()
+        return found[0] if found else None
 
     def mark_and_claim(
         self,

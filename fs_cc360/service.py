@@ -153,15 +153,21 @@ class Service:
         self.tracker = CallTracker(tracker_config(settings))
         self.clock_offset = ClockOffset()
         self.links = recording_links(settings)
+        #: the outbox is PostgreSQL shared by several nodes, with a local journal for
+        #: when it is unreachable (fs_cc360/outbox_journal.py)
+        self.shared = is_postgresql(settings.outbox.database)
         self.outbox = OutboxWriter(settings.outbox.database,
                                    synchronous=settings.outbox.synchronous,
                                    node=settings.outbox.node or None,
-                                   password=settings.outbox.password or None)
+                                   password=settings.outbox.password or None,
+                                   journal=settings.outbox.journal if self.shared else None)
         self.outbox_ok = True
+        #: a shared outbox: PostgreSQL answered the last probe (see health())
+        self.postgresql_ok = True
         #: FreeSWITCH time of the last event read, kept across restarts (the catch-up
         #: after a start reads the CDR files of legs that ended since then).
         self.position = Position.next_to(
-            settings.outbox.journal if is_postgresql(settings.outbox.database)
+            settings.outbox.journal if self.shared
             else self.outbox.path)  # a shared outbox: the position is this node's, local
         #: The position when the connection was last lost (or when the service started).
         self._gap_from = self.position.last_event_at
@@ -194,7 +200,7 @@ class Service:
             per_agent_seconds=settings.webapi.makecall_per_agent_seconds,
             metrics=self.metrics,
         )
-        self.metrics.set_outbox_source(lambda: self.outbox.stats(self.clock()))
+        self.metrics.set_outbox_source(self._outbox_figures)
         self.metrics.watch_crm(lambda: not self.deliverer.crm_down)
         self.web_server = None
         #: the operator console (``[webapi] admin_token``), built by start()
@@ -384,8 +390,15 @@ class Service:
             if not self.outbox_ok:
                 log.warning("outbox.writable_again committed=%d", len(batch))
             self._set_outbox_ok(True)
+            self.metrics.outbox_journal.set(self.outbox.journaled)
             delay = 0.5
             self.deliverer.notify()
+
+    def _outbox_figures(self) -> object:
+        """For each /metrics scrape: the journal gauge (no database needed), then the
+        outbox's counts (raises while PostgreSQL is down: the last values stay)."""
+        self.metrics.outbox_journal.set(self.outbox.journaled)
+        return self.outbox.stats(self.clock())
 
     def _set_outbox_ok(self, ok: bool) -> None:
         self.outbox_ok = ok
@@ -412,12 +425,24 @@ class Service:
 
     def _probe_outbox(self) -> None:
         try:
-            self.outbox.check_writable()
+            self.outbox.check_writable()  # a shared outbox: also moves the journal
         except OutboxError as exc:
+            self.metrics.outbox_journal.set(self.outbox.journaled)
+            if self.shared:
+                # rows still commit to the journal: only PostgreSQL is unhealthy
+                if self.postgresql_ok:
+                    log.error("outbox.postgresql_unhealthy journaled=%d error=%s",
+                              self.outbox.journaled, exc)
+                self.postgresql_ok = False
+                return
             if self.outbox_ok:
                 log.error("outbox.unwritable error=%s", exc)
             self._set_outbox_ok(False)
             return
+        self.metrics.outbox_journal.set(self.outbox.journaled)
+        if self.shared and not self.postgresql_ok:
+            log.warning("outbox.postgresql_healthy again")
+        self.postgresql_ok = True
         if not self._spool.items:
             self._set_outbox_ok(True)
 
@@ -437,7 +462,13 @@ class Service:
         return len(self._spool.items)
 
     def health(self) -> dict[str, bool]:
-        return {"esl": bool(self.esl.connected), "outbox": self.outbox_ok}
+        """``outbox``: every event is committed somewhere (outbox or journal);
+        ``postgresql`` (a shared outbox only): reachable and nothing left in the journal,
+        i.e. this node's rows are where every node can deliver them."""
+        state = {"esl": bool(self.esl.connected), "outbox": self.outbox_ok}
+        if self.shared:
+            state["postgresql"] = self.postgresql_ok and not self.outbox.journaled
+        return state
 
     # -- lifecycle -------------------------------------------------------------------------
 

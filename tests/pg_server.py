@@ -54,7 +54,8 @@ def _run_as() -> str | None:
 class PgServer:
     """One PostgreSQL server in its own temporary directory (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """``durable``: keep fsync on (``bench/``: figures comparable with SQLite FULL)."""
         self.bin = find_bin_dir()
         self.user = _run_as()
         self.base = Path(tempfile.mkdtemp(prefix="fs-cc360-pg-"))
@@ -70,8 +71,8 @@ class PgServer:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n# fs-cc360 tests\nlisten_addresses = ''\n"
                        f"unix_socket_directories = '{self.socket_dir}'\n"
-                       "fsync = off\nfull_page_writes = off\n"
-                       "max_connections = 200\nshared_buffers = 64MB\n")
+                       + ("" if durable else "fsync = off\nfull_page_writes = off\n")
+                       + "max_connections = 200\nshared_buffers = 64MB\n")
         self.running = False
 
     def _cmd(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -101,13 +102,6 @@ class PgServer:
     def url(self, dbname: str) -> str:
         """The ``[outbox] database`` URL of ``dbname`` on this server (Unix socket)."""
         return f"postgresql://postgres@/{dbname}?host={self.socket_dir}"
-
-    def psql(self, sql: str, dbname: str = "postgres") -> str:
-        done = subprocess.run(
-            [str(self.bin.parent / "bin" / "psql") if (self.bin / "psql").exists() else "psql",
-             "-h", str(self.socket_dir), "-U", "postgres", "-d", dbname, "-At", "-c", sql],
-            capture_output=True, text=True, timeout=60, check=True)
-        return done.stdout
 
     def create_database(self, prefix: str = "t") -> str:
         """A new empty database; returns its URL."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from fs_cc360.cli.common import (
 )
 from fs_cc360.config import Settings
 from fs_cc360.crm_request import CrmRequest
-from fs_cc360.errors import ConfigError
+from fs_cc360.errors import ConfigError, OutboxError
 from fs_cc360.outbox import Outbox, OutboxStats, OutboxStatus, Row, is_postgresql
 from fs_cc360.outbox import open_outbox as open_storage
 
@@ -166,6 +168,22 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def journal_rows(settings: Settings) -> int | None:
+    """Rows in this node's local journal (a shared PostgreSQL outbox; None otherwise or
+    when there is no journal file): read only, the service owns the file."""
+    if not is_postgresql(settings.outbox.database):
+        return None
+    path = Path(settings.outbox.journal)
+    if not path.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox journal {path} cannot be read ({exc}): check its "
+                          "permissions") from exc
+
+
 def open_outbox(settings: Settings, *, create: bool = False) -> Outbox:
     """The outbox of ``settings``; refuses to create a missing file unless ``create``.
 
@@ -271,7 +289,15 @@ def health(stats: OutboxStats, now: float) -> Health:
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = cli_settings(args)
     by_node = node_filter(settings, args.node)
-    outbox = open_outbox(settings)
+    journaled = journal_rows(settings)
+    try:
+        outbox = open_outbox(settings)
+    except OutboxError as exc:
+        if journaled is None:
+            raise
+        # PostgreSQL down: what this node holds locally is still worth saying
+        raise OutboxError(f"{exc}; this node's journal {settings.outbox.journal} holds "
+                          f"{plural(journaled, 'row')} waiting for PostgreSQL") from exc
     try:
         stats = outbox.stats(**by_node)
     finally:
@@ -281,6 +307,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         data = stats.to_dict()
         data["database"] = outbox.path
+        if journaled is not None:
+            data["journal_rows"] = journaled
         data["oldest_pending_age"] = None if stats.oldest_pending_at is None \
             else max(0.0, now - stats.oldest_pending_at)
         data["health"] = {"state": verdict.state, "ok": verdict.ok,
@@ -305,6 +333,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"last delivery:   {_ago(stats.last_delivered_at, now)}")
     error = f": {stats.last_error}" if stats.last_error else ""
     print(f"last error:      {_ago(stats.last_error_at, now)}{error}")
+    if journaled:
+        print(f"journal:         {plural(journaled, 'row')} in {settings.outbox.journal} "
+              "waiting for PostgreSQL (moved by the running service)")
     if stats.by_node:
         print()
         print_table(([node, sum(counts.values()),
