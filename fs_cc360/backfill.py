@@ -70,12 +70,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from fs_cc360.calls import CallTracker, CrmEvent, TrackerConfig
 from fs_cc360.crm_request import request_for
 from fs_cc360.errors import FsCc360Error
-from fs_cc360.events import ChannelEvent
+from fs_cc360.events import ChannelEvent, header_value
 from fs_cc360.outbox import NewItem
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,6 @@ def values_encoded(variables: dict[str, Any]) -> bool:
     return not any(isinstance(v, str) and _RAW_ONLY.search(v) for v in variables.values())
 
 
-def _header_value(text: str) -> str:
-    """``text`` as an event header value (percent-encoded like FreeSWITCH's own)."""
-    return quote(text, safe="/@:+,=-_.~")
-
-
 def _text(value: Any) -> str | None:
     if value is None or isinstance(value, dict | list):
         return None
@@ -274,9 +269,9 @@ def parse_cdr(data: Any, *, source: str = "") -> CdrLeg:
     other = _other_leg(profile)
     if other:
         lines += [("Other-Type", other[0]), ("Other-Leg-Unique-ID", other[1])]
-    head = "".join(f"{k}: {_header_value(v)}\n" for k, v in lines if v)
+    head = "".join(f"{k}: {header_value(v)}\n" for k, v in lines if v)
     head += "".join(
-        f"variable_{name}: {_header_value(text)}\n"
+        f"variable_{name}: {header_value(text)}\n"
         for name, text in ((n, var(n)) for n in variables if _valid_name(n))
         if text is not None
     )
@@ -391,14 +386,14 @@ def _leg_specs(leg: CdrLeg, partner: CdrLeg | None = None) -> list[_Spec]:
     """What :func:`leg_events` builds, without building it (a run orders thousands)."""
     out: list[_Spec] = []
     for start_us, path in leg.recordings:
-        extra = f"Record-File-Path: {_header_value(path)}\n"
+        extra = f"Record-File-Path: {header_value(path)}\n"
         out.append((start_us, 0, "RECORD_START", extra, start_us))
         out.append((leg.end_us, 2, "RECORD_STOP", extra, leg.end_us))
     if leg.bridged_to:
         other = [("Other-Leg-Unique-ID", leg.bridged_to)]
         if partner is not None:
             other += partner.other_leg
-        extra = "".join(f"{k}: {_header_value(v)}\n" for k, v in other)
+        extra = "".join(f"{k}: {header_value(v)}\n" for k, v in other)
         out.append((leg.end_us, 1, "CHANNEL_BRIDGE", extra, leg.bridged_us or leg.end_us))
     out.append((leg.end_us, 3, "CHANNEL_HANGUP_COMPLETE", "", leg.end_us))
     return out
@@ -645,9 +640,10 @@ def recent_cdrs(directory: str | os.PathLike[str], *, ended_after_us: int,
 
     For the automatic catch-up: a directory may hold a year of files, so only files
     modified after ``modified_after`` (this host's clock) are opened, and ``pause()``
-    is called every :data:`SCAN_CHUNK` entries (the service passes ``gevent.sleep``: ESL
-    reading never waits for more than a chunk of ``stat`` calls). No minimum age: a leg
-    that ended a moment ago is read too (the outbox keeps one summary per call).
+    is called every :data:`SCAN_CHUNK` entries and after every file read (the service
+    passes a pauser that yields to the hub every couple of milliseconds of work). No
+    minimum age: a leg that ended a moment ago is read too (the outbox keeps one summary
+    per call).
     """
     legs: list[CdrLeg] = []
     bad: list[tuple[str, str]] = []
@@ -672,6 +668,8 @@ def recent_cdrs(directory: str | os.PathLike[str], *, ended_after_us: int,
             except CdrError as exc:
                 bad.append((entry.name, str(exc)))
                 continue
+            finally:
+                pause()
             if leg.end_us > ended_after_us:
                 legs.append(leg)
     return legs, bad

@@ -330,6 +330,11 @@ class CallTracker:
         leg = self._legs.get(uuid)
         return leg is not None and leg.profiled
 
+    def completed(self, uuid: str) -> bool:
+        """Whether this leg's CHANNEL_HANGUP_COMPLETE was heard."""
+        leg = self._legs.get(uuid)
+        return leg is not None and leg.complete
+
     def open_legs(self) -> set[str]:
         """Legs heard of that have not completed: after a gap, those FreeSWITCH no longer
         has ended while nobody listened."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from fs_cc360.errors import FrameError
 
@@ -239,6 +239,19 @@ class ChannelEvent:
 
     def __repr__(self) -> str:
         return f"<ChannelEvent {self.name} {self.uuid}>"
+
+
+def header_value(text: str) -> str:
+    """``text`` as a header value :class:`ChannelEvent` reads back unchanged.
+
+    A value is only percent-decoded when it holds a ``%``, and a line ends at LF, so only
+    values with ``%``, CR or LF need encoding; the others go as they are (events built by
+    the connector itself from CDR files and ``uuid_dump``: encoding every one of their
+    ~300 values would cost more than everything else).
+    """
+    if "%" in text or "\n" in text or "\r" in text:
+        return quote(text, safe="/@:+,=-_.~ ")
+    return text
 
 
 def parse_event(data: bytes | str) -> ChannelEvent:

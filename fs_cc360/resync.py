@@ -35,11 +35,10 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 from fs_cc360.backfill import LINK_VARIABLES, CdrLeg, leg_events
 from fs_cc360.errors import FsCc360Error
-from fs_cc360.events import ChannelEvent
+from fs_cc360.events import ChannelEvent, header_value
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def make_event(name: str, headers: Mapping[str, str], at_us: int,
              (RESYNC_HEADER, "true"), *extra]
     lines += [(k, v) for k, v in headers.items()
               if k not in ("Event-Name", "Event-Date-Timestamp", RESYNC_HEADER)]
-    return ChannelEvent("".join(f"{k}: {quote(v, safe='/@:+,=-_.~')}\n" for k, v in lines))
+    return ChannelEvent("".join(f"{k}: {header_value(v)}\n" for k, v in lines))
 
 
 def replay_events(dumps: Iterable[Mapping[str, str]],
@@ -140,24 +139,53 @@ def ended_event(uuid: str, at_us: int) -> ChannelEvent:
 
 
 @dataclass
+class GapCall:
+    """One call the live tracker must hear about after a gap (see :func:`plan_gap`)."""
+
+    #: Its legs that ended while nobody listened, with their CDR files.
+    ended: list[CdrLeg] = field(default_factory=list)
+    #: Its legs the tracker followed that ended without a CDR file.
+    closed_blind: list[str] = field(default_factory=list)
+    #: Its channels up now (``uuid_dump``).
+    dumps: list[Mapping[str, str]] = field(default_factory=list)
+
+    def history(self, now_us: int) -> list[ChannelEvent]:
+        """The past, in time order: the ended legs' CDR events, then a bare hangup for
+        the legs gone without a CDR file. Of what they produce, only hangups (closing
+        popups opened before the gap) and summaries are worth sending."""
+        legs = sorted(self.ended, key=lambda leg: leg.end_us)
+        by_uuid = {leg.uuid: leg for leg in legs}
+        timeline = []
+        for n, leg in enumerate(legs):
+            partner = by_uuid.get(leg.bridged_to) if leg.bridged_to else None
+            timeline += [(at_us, rank, n, event)
+                         for at_us, rank, event in leg_events(leg, partner)]
+        out = [event for *_, event in sorted(timeline, key=lambda t: t[:3])]
+        return out + [ended_event(uuid, now_us) for uuid in self.closed_blind]
+
+    def present(self, known: Callable[[str], bool]) -> list[ChannelEvent]:
+        """The channels up now (:func:`replay_events`): popups as live. Built just before
+        they are fed: ``known`` is asked then."""
+        return replay_events(self.dumps, known)
+
+
+@dataclass
 class GapPlan:
     """What to do after a gap, from FreeSWITCH's channels and the CDR files of legs that
     ended since the last event read before it (see :func:`plan_gap`)."""
 
-    #: For the live tracker first, in order: the CDR events of ended legs that belong to a
-    #: call still up or one the tracker follows, and a bare hangup for followed legs gone
-    #: without a CDR file. History: of what they produce only hangups (closing popups
-    #: opened before the gap) and summaries are worth sending.
-    history: list[ChannelEvent] = field(default_factory=list)
-    #: Then the channels up now (:func:`replay_events`): popups as live.
-    present: list[ChannelEvent] = field(default_factory=list)
+    #: Calls for the live tracker: each to be fed whole (history, then present), one
+    #: call at a time, so the hub can read ESL between two.
+    live: list[GapCall] = field(default_factory=list)
     #: Calls wholly over, none of whose legs was heard live, each a list of legs: for a
     #: fresh tracker (the backfill).
     catch_up: list[list[CdrLeg]] = field(default_factory=list)
     #: Followed legs gone without a CDR file (closed with :func:`ended_event`).
     closed_blind: list[str] = field(default_factory=list)
-    #: Channels up that the tracker did not know (seeded by :func:`replay_events`).
+    #: Channels up that the tracker did not know.
     seeded: int = 0
+    #: FreeSWITCH's time now (µs): the end of the legs closed without a CDR file.
+    now_us: int = 0
 
 
 def plan_gap(dumps: Sequence[Mapping[str, str]], cdr_legs: Iterable[CdrLeg], *,
@@ -171,7 +199,8 @@ def plan_gap(dumps: Sequence[Mapping[str, str]], cdr_legs: Iterable[CdrLeg], *,
     another leg (:data:`fs_cc360.backfill.LINK_VARIABLES`, ``originated_legs``); a call
     with a channel still up or a leg the tracker heard of goes to the live tracker (which
     holds its beginning, or will hear its end), any other call to the catch-up. A leg the
-    tracker heard complete is left out: it was reported live.
+    tracker heard complete is left out: it was reported live. Cheap (no event is built
+    here): the service may hold the hub for it.
     """
     live = {h["Unique-ID"] for h in dumps}
     # a channel the tracker heard complete meanwhile (its end came during the dumps)
@@ -188,26 +217,24 @@ def plan_gap(dumps: Sequence[Mapping[str, str]], cdr_legs: Iterable[CdrLeg], *,
     followed = {calls.find(u) for u in live | open_legs}
     followed |= {calls.find(leg.uuid) for leg in legs
                  if any(knows(u) for u in (leg.uuid, *leg.links))}
-    plan = GapPlan()
-    hydrate = sorted((leg for leg in legs if calls.find(leg.uuid) in followed),
-                     key=lambda leg: leg.end_us)
+    plan = GapPlan(now_us=now_us)
+    by_call: dict[str, GapCall] = {}
     over: dict[str, list[CdrLeg]] = {}
     for leg in legs:
-        if calls.find(leg.uuid) not in followed:
-            over.setdefault(calls.find(leg.uuid), []).append(leg)
+        root = calls.find(leg.uuid)
+        if root in followed:
+            by_call.setdefault(root, GapCall()).ended.append(leg)
+        else:
+            over.setdefault(root, []).append(leg)
     plan.catch_up = list(over.values())
-    by_uuid = {leg.uuid: leg for leg in hydrate}
-    timeline = []
-    for n, leg in enumerate(hydrate):
-        partner = by_uuid.get(leg.bridged_to) if leg.bridged_to else None
-        timeline += [(at_us, rank, n, event) for at_us, rank, event in leg_events(leg, partner)]
-    plan.history += [event for *_, event in sorted(timeline, key=lambda t: t[:3])]
     with_cdr = {leg.uuid for leg in legs}
     for uuid in sorted(open_legs - live - with_cdr):
         plan.closed_blind.append(uuid)
-        plan.history.append(ended_event(uuid, now_us))
+        by_call.setdefault(calls.find(uuid), GapCall()).closed_blind.append(uuid)
+    for h in dumps:
+        by_call.setdefault(calls.find(h["Unique-ID"]), GapCall()).dumps.append(h)
     plan.seeded = sum(1 for h in dumps if not knows(h["Unique-ID"]))
-    plan.present += replay_events(dumps, knows)
+    plan.live = list(by_call.values())
     return plan
 
 

@@ -68,8 +68,9 @@ HEALTH_SECONDS = 5.0
 #: Channels a resync asks ``uuid_dump`` for, at most (the rest get their popups from
 #: their next event): bounds the work after a reconnect on a very busy switch.
 MAX_RESYNC_CHANNELS = 20_000
-#: Calls of the CDR catch-up worked through between two yields to the hub.
-CATCHUP_BATCH = 20
+#: Longest stretch of gap handling (scan, CDR parsing, feeding a call) between two
+#: yields to the hub, in seconds: live events never wait much longer than this.
+GAP_SLICE = 0.002
 
 
 def tracker_config(settings: Settings) -> TrackerConfig:
@@ -132,6 +133,20 @@ def crm_client(settings: Settings, lanes: int | None = None) -> Cc360Client:
         timeout=crm.timeout, verify=crm.requests_verify,
         lanes=lanes or settings.delivery.concurrency,
     )
+
+
+class _Pauser:
+    """Yields to the hub once more than :data:`GAP_SLICE` of work went by since the last
+    yield. ``gevent.idle()``, not ``sleep(0)``: the latter runs the queued callbacks and
+    comes back before the hub polls its sockets, so the ESL reader would still wait."""
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._since >= GAP_SLICE:
+            gevent.idle()
+            self._since = time.monotonic()
 
 
 @dataclass
@@ -243,6 +258,7 @@ class Service:
         started = time.monotonic()
         settings = self.settings.backfill
         since = (before or self.clock()) - settings.margin  # FreeSWITCH's clock
+        pause = _Pauser()
         open_before = self.tracker.open_legs()
         dumps = self._live_channels()
         legs: list = []
@@ -253,32 +269,33 @@ class Service:
                 legs, bad = recent_cdrs(
                     settings.cdr_dir, ended_after_us=int(since * 1_000_000),
                     modified_after=since + offset - settings.margin,
-                    pause=lambda: gevent.sleep(0))
+                    pause=pause)
             except FsCc360Error as exc:
                 log.error("catchup.failed dir=%s error=%s: calls that ended while fs-cc360 "
                           "was not listening are not reported; check [backfill] cdr_dir "
                           "and that fs-cc360 may read it", settings.cdr_dir, exc)
             for name, why in bad:
                 log.warning("catchup.bad_file file=%s error=%s", name, why)
-        # Planned and fed with no yield in between: the tracker cannot change meanwhile.
         read_at = self.clock()
         plan = plan_gap(
             dumps or [], legs,
             open_legs=(open_before & self.tracker.open_legs()) if dumps is not None else set(),
             knows=self.tracker.knows,
             now_us=int((read_at - (self.clock_offset.offset or 0.0)) * 1_000_000))
-        found: list[CrmEvent] = []
-        for event in plan.history:  # the past: close popups, report; never open one
-            found += [e for e in self.tracker.feed(event, now=read_at)
-                      if e.kind in ("hangup", "summary")]
-        for event in plan.present:
-            found += self.tracker.feed(event, now=read_at)
-        # A restarted connector does not remember the popups it sent: the outbox does.
-        self._accept([e for e in found if not self._held(e)], read_at)
+        for call in plan.live:  # one call at a time, the hub free to read ESL between
+            pause()
+            read_at = self.clock()
+            found = [e for event in call.history(plan.now_us)  # the past: never a new popup
+                     for e in self.tracker.feed(event, now=read_at)
+                     if e.kind in ("hangup", "summary")]
+            for event in call.present(self.tracker.knows):
+                if not self.tracker.completed(event.uuid):  # its end was heard meanwhile
+                    found += self.tracker.feed(event, now=read_at)
+            # A restarted connector does not remember the popups it sent: the outbox does.
+            self._accept([e for e in found if not self._held(e)], read_at)
         enqueued = duplicates = 0
-        for n, call in enumerate(plan.catch_up):
-            if n % CATCHUP_BATCH == CATCHUP_BATCH - 1:
-                gevent.sleep(0)
+        for call in plan.catch_up:
+            pause()
             for summary in summaries_from_legs(call, self.tracker.config):
                 if self._held(summary):
                     duplicates += 1

@@ -47,10 +47,11 @@ def gap_run(frames: list[bytes], cut: int, tmp: Path, heard_until: int = 0,
     plan = resync.plan_gap(dumps, cdrs, open_legs=tracker.open_legs(), knows=tracker.knows,
                            now_us=max(int(d["Event-Date-Timestamp"]) for d in dumps)
                            if dumps else 0)
-    for event in plan.history:  # the past: only closing popups and summaries
-        out += [e for e in tracker.feed(event) if e.kind in ("hangup", "summary")]
-    for event in plan.present:
-        out += tracker.feed(event)
+    for call in plan.live:  # as the service feeds them
+        for event in call.history(plan.now_us):  # the past: close popups, summaries
+            out += [e for e in tracker.feed(event) if e.kind in ("hangup", "summary")]
+        for event in call.present(tracker.knows):
+            out += tracker.feed(event)
     caught_up = [e for call in plan.catch_up for e in bf.summaries_from_legs(call, config)]
     last = 0.0
     for body in frames[cut:]:
