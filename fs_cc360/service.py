@@ -283,14 +283,19 @@ class Service:
             knows=self.tracker.knows,
             now_us=int((read_at - (self.clock_offset.offset or 0.0)) * 1_000_000))
         for call in plan.live:  # one call at a time, the hub free to read ESL between
-            pause()
             read_at = self.clock()
-            found = [e for event in call.history(plan.now_us)  # the past: never a new popup
-                     for e in self.tracker.feed(event, now=read_at)
-                     if e.kind in ("hangup", "summary")]
+            found: list[CrmEvent] = []
+            for event in call.history(plan.now_us):  # the past: never a new popup
+                found += [e for e in self.tracker.feed(event, now=read_at)
+                          if e.kind in ("hangup", "summary")]
+                pause()
             for event in call.present(self.tracker.knows):
-                if not self.tracker.completed(event.uuid):  # its end was heard meanwhile
-                    found += self.tracker.feed(event, now=read_at)
+                # live events may have come meanwhile (pause): what they told stands
+                if self.tracker.completed(event.uuid) or (
+                        event.name == "CHANNEL_DATA" and self.tracker.knows(event.uuid)):
+                    continue
+                found += self.tracker.feed(event, now=read_at)
+                pause()
             # A restarted connector does not remember the popups it sent: the outbox does.
             self._accept([e for e in found if not self._held(e)], read_at)
         enqueued = duplicates = 0
