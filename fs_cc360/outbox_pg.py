@@ -410,43 +410,44 @@ class PgOutbox(Outbox):
         if not items:
             return []
         now = self._now(now)
-        ids: list[int] = []
+        keys = sorted({item.call_key for item in items})
         with self._write():
-            self._lock_keys(item.call_key for item in items)
+            self._lock_keys(keys)
             cursor = self._db.cursor()
-            open_keys: set[str] = set()
+            # Which calls already have an open row (their new rows are not heads): one
+            # query for the batch, then every insert in one pipelined executemany.
+            cursor.execute(f"SELECT DISTINCT call_key FROM outbox WHERE call_key = ANY(%s) "
+                           f"AND status IN {_OPEN}", (keys,))
+            open_keys = {found[0] for found in cursor.fetchall()}
+            values = []
             for item in items:
-                if item.call_key in open_keys:
-                    head = False
-                else:
-                    cursor.execute(f"SELECT 1 FROM outbox WHERE call_key = %s AND status IN "
-                                   f"{_OPEN} LIMIT 1", (item.call_key,))
-                    head = cursor.fetchone() is None
-                values = (item.call_key, item.kind, item.user or "", item.callerid or "",
-                          item.request.to_json(), head, now, now, now, item.event_at,
-                          self.node)
-                if item.kind == "summary":
-                    cursor.execute(_INSERT_SQL + " ON CONFLICT (call_key) WHERE "
-                                   "kind = 'summary' DO NOTHING RETURNING id", values)
-                    found = cursor.fetchone()
-                    if found is None:
-                        cursor.execute("SELECT id FROM outbox WHERE call_key = %s AND "
-                                       "kind = 'summary'", (item.call_key,))
-                        held = cursor.fetchone()[0]
-                        log.info("outbox.summary_held call=%s id=%d: this call's summary is "
-                                 "already in the outbox, not added again", item.call_key,
-                                 held)
-                        self.summaries_skipped += 1
-                        ids.append(held)
-                        continue
-                else:
-                    cursor.execute(_INSERT_SQL + " RETURNING id", values)
-                    found = cursor.fetchone()
+                values.append((item.call_key, item.kind, item.user or "", item.callerid or "",
+                               item.request.to_json(), item.call_key not in open_keys, now,
+                               now, now, item.event_at, self.node))
                 open_keys.add(item.call_key)
-                ids.append(found[0])
+            cursor.executemany(_INSERT_SQL + " ON CONFLICT (call_key) WHERE kind = 'summary' "
+                               "DO NOTHING RETURNING id", values, returning=True)
+            ids: list[int | None] = []
+            while True:
+                found = cursor.fetchone()
+                ids.append(found[0] if found else None)
+                if not cursor.nextset():
+                    break
+            held_keys = set()
+            for n, item in enumerate(items):
+                if ids[n] is None:  # a summary this call already has (any node's)
+                    cursor.execute("SELECT id FROM outbox WHERE call_key = %s AND "
+                                   "kind = 'summary'", (item.call_key,))
+                    ids[n] = cursor.fetchone()[0]
+                    held_keys.add(item.call_key)
+                    self.summaries_skipped += 1
+                    log.info("outbox.summary_held call=%s id=%d: this call's summary is "
+                             "already in the outbox, not added again", item.call_key, ids[n])
+            # a skipped summary may have been counted as its call's head above
+            self._refresh_heads(held_keys)
             if progress is not None:
                 self._set_meta(*progress)
-        return ids
+        return [int(row_id) for row_id in ids if row_id is not None]
 
     def meta(self, key: str) -> str | None:
         """A value of ``outbox_meta`` (None when unset)."""

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 ESL_PASSWORD = "esl-secret"
 CRM_TOKEN = "crm-token-nodes"
 ORDER = {"ringing": 0, "answer": 1, "hangup": 2, "summary": 3}
+DB_PASSWORD = "pg-pass-never-logged"
 PER_NODE = sum(len(v) for v in EXPECTED.values())
 
 
@@ -110,8 +111,11 @@ def three_fs() -> Iterator[list[FakeFreeSwitch]]:
 @pytest.mark.slow
 def test_three_nodes_deliver_every_event_once_in_order(
         tmp_path: Path, pg_url: str, three_fs: list[FakeFreeSwitch]) -> None:
+    # a password in the URL (the test server trusts local users and ignores it): it
+    # must never reach a log
+    with_password = pg_url.replace("postgres@", f"postgres:{DB_PASSWORD}@")
     with FakeCrm(token=CRM_TOKEN) as crm:
-        procs = [start_node(node_config(tmp_path, f"fs{n}", fs, crm, pg_url))
+        procs = [start_node(node_config(tmp_path, f"fs{n}", fs, crm, with_password))
                  for n, fs in enumerate(three_fs)]
         try:
             assert all(fs.wait_connected(30) for fs in three_fs)
@@ -131,6 +135,9 @@ def test_three_nodes_deliver_every_event_once_in_order(
     keys = [(e.params["id"], e.params.get("eventName", "summary")) for e in got]
     assert len(keys) == len(set(keys)) == 3 * PER_NODE  # every event once, none twice
     assert in_call_order(got)
+    for n in range(3):
+        text = (tmp_path / f"fs{n}" / "service.log").read_text(errors="replace")
+        assert "service.started" in text and DB_PASSWORD not in text
 
 
 @pytest.mark.slow

@@ -221,3 +221,15 @@ def test_the_cli_shows_and_filters_by_node(pg_url: str, tmp_path: Any,
     main(["--config", str(config), "outbox", "list"])
     out = capsys.readouterr().out
     assert "NODE" in out.splitlines()[0] and "fs2" in out
+
+
+def test_a_held_summary_in_a_batch_does_not_block_its_calls_next_row(
+        two: tuple[PgOutbox, PgOutbox]) -> None:
+    a, _ = two
+    (summary,) = a.enqueue([item("x", "summary")], now=T0)
+    a.claim_due(T0, 1, 60)
+    a.mark_delivered(summary, 200, now=T0)
+    again, late = a.enqueue([item("x", "summary"), item("x", "hangup")], now=T0 + 1)
+    assert again == summary and late > summary
+    (claimed,) = a.claim_due(T0 + 1, 10, 60)
+    assert claimed.id == late  # the late row is its call's head
