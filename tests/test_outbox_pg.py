@@ -15,8 +15,9 @@ from gevent.threadpool import ThreadPool
 
 from fs_cc360.config import mask_database_url
 from fs_cc360.errors import OutboxError
-from fs_cc360.outbox import Mark, OutboxStatus, open_outbox
+from fs_cc360.outbox import Mark, OutboxStatus, OutboxWriter, open_outbox
 from fs_cc360.outbox_pg import PgOutbox, connect_params
+from fs_cc360.simulators import wait_until
 from tests.fixtures import item
 
 T0 = 1_000_000.0
@@ -233,3 +234,69 @@ def test_a_held_summary_in_a_batch_does_not_block_its_calls_next_row(
     assert again == summary and late > summary
     (claimed,) = a.claim_due(T0 + 1, 10, 60)
     assert claimed.id == late  # the late row is its call's head
+
+
+def test_backfill_on_two_nodes_never_doubles_a_summary(
+        pg_url: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same CDR files backfilled on fs1, then on fs2 (a replay on another node): the
+    second finds every summary already in the shared outbox."""
+    import shutil
+    from pathlib import Path
+
+    from fs_cc360.cli import main
+
+    cdr = tmp_path / "json_cdr"
+    cdr.mkdir()
+    captures = Path(__file__).parent / "captures" / "json_cdr"
+    for scenario in ("a_inbound_answered_caller_hangup", "m_attended_transfer"):
+        for path in (captures / scenario).glob("*.json"):
+            shutil.copy(path, cdr / path.name)
+    ages = ("--min-age", "0", "--max-age", "36500")  # the captures' calls are old
+    outputs = []
+    for node in ("fs1", "fs2"):
+        config = tmp_path / f"{node}.ini"
+        config.write_text(f"[outbox]\ndatabase = {pg_url}\nnode = {node}\n\n"
+                          "[webapi]\nenabled = false\n")
+        capsys.readouterr()
+        assert main(["--config", str(config), "backfill", str(cdr), *ages]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "3 summaries enqueued, 0 duplicates" in outputs[0]
+    assert "0 summaries enqueued, 3 duplicates" in outputs[1]
+    box = PgOutbox(pg_url, node="check")
+    assert [(row.kind, row.node) for row in box.list_rows(limit=None)] == [("summary", "fs1")] * 3
+    box.close()
+
+
+def test_a_slow_postgresql_never_blocks_the_hub(pg_url: str) -> None:
+    """An enqueue waiting on a lock held by another session (lock_timeout 5 s) waits in
+    the writer's native thread: greenlets keep running meanwhile; it completes once the
+    lock is released."""
+    import gevent
+    import psycopg
+
+    writer = OutboxWriter(pg_url, node="fs1")
+    ticks = [0]
+
+    def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            gevent.sleep(0.01)
+
+    params = connect_params(pg_url)
+    blocker = psycopg.connect(**params)
+    try:
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        running = gevent.spawn(ticker)
+        job = gevent.spawn(writer.enqueue, [item("a", "ringing")])
+        # the ticker goes round and round while the enqueue is stuck on the lock
+        # (lock_timeout 5 s: the wait is bounded below that)
+        assert wait_until(lambda: ticks[0] >= 20, 4, interval=0.01)
+        assert not job.ready()
+        blocker.execute("ROLLBACK")
+        (row_id,) = job.get(timeout=10)
+        assert row_id > 0
+        running.kill()
+    finally:
+        blocker.close()
+        writer.close()
