@@ -45,7 +45,7 @@ from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, quote, unquote, urlencode
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import gevent
 import itsdangerous
@@ -646,7 +646,8 @@ def build_console(service: Service) -> Console:
     web, crm = settings.webapi, settings.crm
     redact = make_redactor([settings.freeswitch.password, crm.password, crm.token,
                             web.token, web.recording_secret, web.metrics_token,
-                            web.admin_token])
+                            web.admin_token, settings.outbox.password,
+                            urlsplit(settings.outbox.database).password or ""])
     return Console(
         admin_token=web.admin_token,
         reader=OutboxReader(settings.outbox.database,

@@ -1598,21 +1598,42 @@ class OutboxReader:
                  password: str | None = None) -> None:
         self._pool = ThreadPool(1)
         self._closed = False
+        self._options: dict[str, Any] = {"busy_timeout_ms": busy_timeout_ms,
+                                         "password": password}
+        self._database = database
+        self._outbox: Outbox | None = None
+        from fs_cc360.config import mask_database_url
+
+        self.path = mask_database_url(database)
         try:
-            self._outbox: Outbox = self._pool.apply(
-                open_outbox, (database,), {"busy_timeout_ms": busy_timeout_ms,
-                                           "password": password})
-            self._pool.apply(self._outbox.make_read_only)
+            self._open()
+        except OutboxError as exc:
+            if not is_postgresql(database):
+                self._pool.kill()
+                raise
+            # a shared outbox may be down while the service starts: opened on first use
+            log.warning("outbox.reader_deferred error=%s", exc)
         except BaseException:
             self._pool.kill()
             raise
+
+    def _open(self) -> Outbox:
+        if self._outbox is None:
+            outbox: Outbox = self._pool.apply(open_outbox, (self._database,), self._options)
+            try:
+                self._pool.apply(outbox.make_read_only)
+            except BaseException:
+                self._pool.apply(outbox.close)
+                raise
+            self._outbox = outbox
         self.path = self._outbox.path
+        return self._outbox
 
     def run(self, fn: Callable[[Outbox], T]) -> T:
         """``fn(outbox)`` in the reader thread; its exception is re-raised here."""
         if self._closed:
             raise OutboxError(f"outbox {self.path} is closed")
-        ok, value = self._pool.apply(_capture, (fn, (self._outbox,), {}))
+        ok, value = self._pool.apply(_capture, (fn, (self._open(),), {}))
         if not ok:
             raise value
         return value
@@ -1622,6 +1643,7 @@ class OutboxReader:
             return
         self._closed = True
         try:
-            self._pool.apply(self._outbox.close)
+            if self._outbox is not None:
+                self._pool.apply(self._outbox.close)
         finally:
             self._pool.kill()

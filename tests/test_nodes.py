@@ -251,3 +251,38 @@ def test_postgresql_down_under_load_loses_nothing(tmp_path: Path, pg_url: str,
 def test_postgresql_down_60_seconds_under_load_loses_nothing(tmp_path: Path, pg_url: str,
                                                              pg_server: Any) -> None:
     _outage(tmp_path, pg_url, pg_server, outage=60.0)
+
+
+def test_a_connector_starts_while_postgresql_is_down(tmp_path: Path, pg_url: str,
+                                                     pg_server: Any) -> None:
+    """Started with the server stopped (console on: its reader opens on first use): ESL
+    is read and rows are journaled; once the server is back the journal moves, everything
+    is delivered and the console answers."""
+    import requests
+
+    from tests.test_pipeline import CRM_TOKEN as PIPE_TOKEN
+    from tests.test_pipeline import ESL_PASSWORD as PIPE_PASSWORD
+    from tests.test_pipeline import running
+
+    scenario = "a_inbound_answered_caller_hangup"
+    extra = {"outbox": {"database": pg_url, "node": "fs1",
+                        "journal": str(tmp_path / "journal.sqlite3")},
+             "webapi": {"admin_token": "console-token-0123456789"}}
+    pg_server.stop("fast")
+    try:
+        with FakeCrm(token=PIPE_TOKEN) as crm, FakeFreeSwitch(password=PIPE_PASSWORD) as fs, \
+                running(fs, crm, tmp_path, extra) as service:
+            fs.push_events(shift_to_now(remap(capture_frames(scenario), 4000)))
+            assert wait_until(lambda: service.outbox.journaled == len(EXPECTED[scenario]), 30)
+            base = f"http://127.0.0.1:{service.web_server.server_port}"
+            assert requests.get(base + "/healthz", timeout=5).json()["postgresql"] is False
+            pg_server.start()
+            assert wait_until(lambda: len(crm.events()) == len(EXPECTED[scenario]), 60)
+            assert wait_until(lambda: requests.get(base + "/healthz", timeout=5).status_code
+                              == 200, 30)
+            page = requests.get(base + "/ui/", timeout=5, allow_redirects=False)
+            assert page.status_code in (200, 302, 303)  # the console answers again
+    finally:
+        if not pg_server.running:
+            pg_server.start()
+    assert in_call_order(crm.events())
