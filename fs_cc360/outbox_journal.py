@@ -30,7 +30,8 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ log = logging.getLogger(__name__)
 MOVE_BATCH = 500
 #: Batches one move may do before giving the writer thread back to other calls.
 MOVE_BATCHES = 20
-#: While PostgreSQL is unreachable, how often a call may try to connect again (seconds).
+#: After PostgreSQL was found unreachable, calls fail at once for this long (seconds)
+#: before one tries to connect again.
 RETRY_SECONDS = 2.0
 
 
@@ -130,8 +132,8 @@ class JournaledOutbox:
         self.journal = Journal(journal)
         self.journaled = self.journal.count()
         self._pg: PgOutbox | None = None
-        self._retry_at = 0.0
-        self._move_at = 0.0
+        #: monotonic time before which PostgreSQL counts as down (calls fail at once)
+        self._down_until = 0.0
         from fs_cc360.config import mask_database_url
 
         self.path = mask_database_url(database)
@@ -150,23 +152,49 @@ class JournaledOutbox:
     # -- PostgreSQL, connected lazily ------------------------------------------------------
 
     def _server(self) -> PgOutbox:
-        """The PostgreSQL outbox, connecting (at most every RETRY_SECONDS) if needed."""
-        if self._pg is not None:
-            return self._pg
+        """The PostgreSQL outbox, connected if needed.
+
+        After a call lost the connection, every call fails at once for RETRY_SECONDS:
+        against a server that is gone (not refusing: silent) each try could hold the
+        writer thread for the connect timeout, and the journal's commits wait behind it.
+        """
         now = time.monotonic()
-        if now < self._retry_at:
-            raise OutboxError(f"outbox {self.path}: PostgreSQL unreachable (retrying): rows "
-                              f"go to the local journal {self.journal.path}")
-        self._retry_at = now + RETRY_SECONDS
-        self._pg = PgOutbox(self._database, **self._pg_options)
-        log.info("outbox.postgresql_connected outbox=%s node=%s", self.path, self.node)
+        if now < self._down_until:
+            raise OutboxError(f"outbox {self.path}: PostgreSQL unreachable (next try in "
+                              f"{self._down_until - now:.1f} s): rows go to the local "
+                              f"journal {self.journal.path}")
+        if self._pg is None:
+            try:
+                self._pg = PgOutbox(self._database, **self._pg_options)
+            except OutboxError:
+                self._down_until = now + RETRY_SECONDS
+                raise
+            log.info("outbox.postgresql_connected outbox=%s node=%s", self.path, self.node)
         return self._pg
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Around a call to PostgreSQL: a lost connection starts the fail-fast pause."""
+        paused = time.monotonic() < self._down_until  # then the call fails at once
+        try:
+            yield
+        except OutboxError:
+            if not paused and self._pg is not None and self._pg._db.is_closed():
+                self._down_until = time.monotonic() + RETRY_SECONDS
+            raise
 
     def __getattr__(self, name: str) -> Any:
         # everything not defined here is PostgreSQL's (claims, marks, reads, ...)
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._server(), name)
+        if name.startswith("_") or not hasattr(PgOutbox, name):
+            return getattr(self._server(), name)  # an attribute (or AttributeError)
+        if not callable(getattr(PgOutbox, name)):
+            return getattr(self._server(), name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._guard():
+                return getattr(self._server(), name)(*args, **kwargs)
+
+        return call
 
     # -- what the journal changes ----------------------------------------------------------
 
@@ -180,8 +208,9 @@ class JournaledOutbox:
             self._try_move()
         if not self.journaled:
             try:
-                server = self._server()
-                ids = server.enqueue(items, now=now)
+                with self._guard():
+                    server = self._server()
+                    ids = server.enqueue(items, now=now)
                 self.summaries_skipped = server.summaries_skipped
                 return ids
             except OutboxError as exc:
@@ -192,21 +221,18 @@ class JournaledOutbox:
         return [-row_id for row_id in ids]
 
     def _try_move(self) -> None:
-        """Move the journal unless a move failed less than RETRY_SECONDS ago (each try
-        may wait up to the connect timeout on a server that is gone)."""
-        now = time.monotonic()
-        if now < self._move_at:
-            return
         try:
             self.move_journal()
         except OutboxError as exc:
-            self._move_at = now + RETRY_SECONDS
             log.debug("outbox.journal_move_deferred error=%s", exc)
 
     def move_journal(self, batches: int = MOVE_BATCHES) -> int:
         """Move up to ``batches`` batches of journal rows to PostgreSQL, oldest first;
         returns how many moved. Raises :class:`OutboxError` while the server is down."""
-        server = self._server()
+        with self._guard():
+            return self._move(self._server(), batches)
+
+    def _move(self, server: PgOutbox, batches: int) -> int:
         mark_key = f"journal:{self.node}:{self.journal.journal_id}"
         moved = 0
         for _ in range(batches):
@@ -228,8 +254,8 @@ class JournaledOutbox:
 
     def check_writable(self) -> None:
         """PostgreSQL must answer and the journal must be empty (moved first if it can)."""
-        server = self._server()
-        server.check_writable()
+        with self._guard():
+            self._server().check_writable()
         if self.journaled:
             self.move_journal()
         if self.journaled:
@@ -241,7 +267,8 @@ class JournaledOutbox:
         """As the outbox's; at start-up with PostgreSQL down this node's leases simply
         expire (any node reclaims them), so that is not an error."""
         try:
-            return self._server().release_leases(ids, now=now)
+            with self._guard():
+                return self._server().release_leases(ids, now=now)
         except OutboxError as exc:
             if ids is not None:
                 raise

@@ -48,7 +48,7 @@ def test_rows_go_to_the_journal_while_postgresql_is_down_and_move_in_order(
     with pytest.raises(OutboxError, match="unreachable"):
         box.check_writable()
     server_down.start()
-    box._retry_at = box._move_at = 0.0  # skip the reconnect pause
+    box._down_until = 0.0  # skip the fail-fast pause
     box.enqueue([item("a", "summary")], now=T0 + 3)  # moves the journal first
     assert box.journaled == 0
     assert shared_rows(pg_url) == [("a", "ringing"), ("a", "answer"), ("b", "ringing"),
@@ -128,3 +128,23 @@ def test_outbox_stats_shows_the_journal_even_with_postgresql_down(
     assert main(["--config", str(config), "outbox", "stats"]) == 1
     err = capsys.readouterr().err
     assert "PostgreSQL unreachable" in err and "holds 2 rows waiting for PostgreSQL" in err
+
+
+def test_after_a_lost_connection_calls_fail_at_once_for_a_while(
+        pg_url: str, server_down: Any, tmp_path: Path) -> None:
+    """A silent server could hold the writer thread for the connect timeout on every
+    call; after one call lost the connection the others fail without trying."""
+    box = JournaledOutbox(pg_url, str(tmp_path / "journal.sqlite3"), node="fs1")
+    box.stats()
+    server_down.stop("immediate")
+    with pytest.raises(OutboxError, match="PostgreSQL unreachable \\(") as first:
+        box.stats()
+    assert "next try" not in str(first.value)  # that one tried
+    with pytest.raises(OutboxError, match="next try in"):
+        box.mark_and_claim([], T0, 10, 60)
+    box.enqueue([item("a", "ringing")], now=T0)  # journaled at once
+    assert box.journaled == 1
+    server_down.start()
+    box._down_until = 0.0  # the pause over
+    assert box.move_journal() == 1 and box.stats().total == 1
+    box.close()
