@@ -300,3 +300,13 @@ def test_a_slow_postgresql_never_blocks_the_hub(pg_url: str) -> None:
     finally:
         blocker.close()
         writer.close()
+
+
+def test_missing_postgresql_binaries_fail_saying_how_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import pg_server
+
+    monkeypatch.setattr(pg_server, "BIN_DIRS", ("/nonexistent/bin",))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(RuntimeError, match="apt-get install -y postgresql"):
+        pg_server.find_bin_dir()
