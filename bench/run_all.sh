@@ -48,6 +48,8 @@ if [ "$MODE" = full ]; then
     run backlog bench_backlog
     run crash bench_crash
     run hostile bench_hostile
+    run console bench_console
+    run catchup bench_catchup
 else
     run parse bench_parse --calls 1500 --repeat 3
     run enqueue bench_enqueue --events 50000 --repeat 2
@@ -57,6 +59,8 @@ else
     run backlog bench_backlog --rows 100000 --drain-seconds 60
     run crash bench_crash --kills 10
     run hostile bench_hostile --frames 20000
+    run console bench_console --rows 200000 --repeat 5
+    run catchup bench_catchup --short
 fi
 
 echo "== pytest -m fault tests/test_faults.py"
