@@ -28,6 +28,7 @@ BENCHES = {
     "hostile": "Hostile ESL input",
     "console": "Operator console on a big outbox",
     "catchup": "Live events during the gap catch-up",
+    "pg": "Shared PostgreSQL outbox vs SQLite, node failover",
 }
 
 #: RATIO name -> note shown when that goal is missed

@@ -50,6 +50,7 @@ if [ "$MODE" = full ]; then
     run hostile bench_hostile
     run console bench_console
     run catchup bench_catchup
+    run pg bench_pg
 else
     run parse bench_parse --calls 1500 --repeat 3
     run enqueue bench_enqueue --events 50000 --repeat 2
@@ -61,6 +62,7 @@ else
     run hostile bench_hostile --frames 20000
     run console bench_console --rows 200000 --repeat 5
     run catchup bench_catchup --short
+    run pg bench_pg --rows 10000 --deliver 1000
 fi
 
 echo "== pytest -m fault tests/test_faults.py"
