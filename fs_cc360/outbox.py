@@ -319,6 +319,24 @@ class Mark:
         return cls(id, OutboxStatus.expired, now)
 
 
+def mark_params(mark: Mark, at: float) -> tuple[Any, ...]:
+    """The parameters of the UPDATE that records ``mark`` at ``at`` (both backends write
+    the same columns in the same order)."""
+    rejected = 1 if mark.rejected else 0
+    status = mark.status
+    if status is OutboxStatus.delivered:
+        return (mark.status_code, at, at, mark.id)
+    if status is OutboxStatus.pending:
+        if mark.next_attempt_at is None:
+            raise ValueError(f"a retry mark needs next_attempt_at: {mark}")
+        return (rejected, mark.next_attempt_at, mark.error, mark.status_code, at, mark.id)
+    if status is OutboxStatus.dead:
+        return (rejected, mark.error, mark.status_code, at, mark.id)
+    if status is OutboxStatus.expired:
+        return (at, mark.id)
+    raise ValueError(f"cannot mark a row {status}: {mark}")
+
+
 @dataclass(frozen=True)
 class Claimed:
     """What :meth:`Outbox.mark_and_claim` returns."""
@@ -811,21 +829,8 @@ class Outbox:
         history: list[tuple[Any, ...]] = []
         for mark in marks:
             at = default_at if mark.at is None else mark.at
-            rejected = 1 if mark.rejected else 0
             status = mark.status
-            if status is OutboxStatus.delivered:
-                params: tuple[Any, ...] = (mark.status_code, at, at, mark.id)
-            elif status is OutboxStatus.pending:
-                if mark.next_attempt_at is None:
-                    raise ValueError(f"a retry mark needs next_attempt_at: {mark}")
-                params = (rejected, mark.next_attempt_at, mark.error, mark.status_code, at,
-                          mark.id)
-            elif status is OutboxStatus.dead:
-                params = (rejected, mark.error, mark.status_code, at, mark.id)
-            elif status is OutboxStatus.expired:
-                params = (at, mark.id)
-            else:
-                raise ValueError(f"cannot mark a row {status}: {mark}")
+            params = mark_params(mark, at)  # first: it refuses a status no UPDATE records
             cursor.execute(_MARK_SQL[status], params)
             if cursor.rowcount:
                 history.append((mark.id, at, _OUTCOMES[status], mark.status_code, mark.error))

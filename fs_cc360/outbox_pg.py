@@ -56,6 +56,7 @@ from fs_cc360.outbox import (
     OutboxStats,
     OutboxStatus,
     Row,
+    mark_params,
 )
 
 log = logging.getLogger(__name__)
@@ -498,21 +499,8 @@ class PgOutbox(Outbox):
         history: list[tuple[Any, ...]] = []
         for mark in marks:
             at = default_at if mark.at is None else mark.at
-            rejected = 1 if mark.rejected else 0
             status = mark.status
-            if status is OutboxStatus.delivered:
-                params: tuple[Any, ...] = (mark.status_code, at, at, mark.id)
-            elif status is OutboxStatus.pending:
-                if mark.next_attempt_at is None:
-                    raise ValueError(f"a retry mark needs next_attempt_at: {mark}")
-                params = (rejected, mark.next_attempt_at, mark.error, mark.status_code, at,
-                          mark.id)
-            elif status is OutboxStatus.dead:
-                params = (rejected, mark.error, mark.status_code, at, mark.id)
-            elif status is OutboxStatus.expired:
-                params = (at, mark.id)
-            else:
-                raise ValueError(f"cannot mark a row {status}: {mark}")
+            params = mark_params(mark, at)  # first: it refuses a status no UPDATE records
             cursor.execute(_MARK_SQL[status], params)
             if cursor.rowcount:
                 history.append((mark.id, at, _OUTCOMES[status], mark.status_code, mark.error))
