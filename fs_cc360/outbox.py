@@ -505,6 +505,9 @@ class Outbox:
     are serialised by a native lock. For the gevent service use :class:`OutboxWriter`.
     """
 
+    #: The console's search queries, by column (a backend names its own).
+    _search_sql: dict[str, str] = _SEARCH_SQL
+
     def __init__(
         self,
         database: str,
@@ -1170,14 +1173,17 @@ class Outbox:
         return CallPage([CallLine(key, tuple(rows)) for key, rows in
                          zip(keys, self._rows_of(keys), strict=True)], next_before)
 
+    def _sql(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        return self._db.execute_sql(sql, params)
+
     def _search_stream(self, column: str, value: str, before_id: int | None
                        ) -> Iterator[tuple[int, str]]:
         """``(id, call_key)`` of the rows whose ``column`` is ``value``, newest first."""
-        sql = _SEARCH_SQL[column]
+        sql = self._search_sql[column]
         before = before_id if before_id is not None else 2 ** 63 - 1
         while True:
             with self._read():
-                page = self._db.execute_sql(sql, (value, before, PAGE_SIZE)).fetchall()
+                page = self._sql(sql, (value, before, PAGE_SIZE)).fetchall()
             yield from page
             if len(page) < PAGE_SIZE:
                 return

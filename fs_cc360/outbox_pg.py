@@ -209,6 +209,8 @@ class PgOutbox(Outbox):
     by the next call, so the caller only sees :class:`OutboxError` while it is down.
     """
 
+    _search_sql = _SEARCH_SQL
+
     def __init__(
         self,
         database: str,
@@ -318,9 +320,6 @@ class PgOutbox(Outbox):
         with self._lock, self._errors():
             with self._db.atomic():
                 yield
-
-    def _sql(self, sql: str, params: Sequence[Any] | None = None) -> Any:
-        return self._db.execute_sql(sql, params)
 
     def _create_schema(self) -> None:
         with self._db.atomic():
@@ -668,18 +667,6 @@ class PgOutbox(Outbox):
             **filters, before_id=before, limit=size), limit, before_id)
 
     # -- console reads ------------------------------------------------------------------
-
-    def _search_stream(self, column: str, value: str, before_id: int | None
-                       ) -> Iterator[tuple[int, str]]:
-        sql = _SEARCH_SQL[column]
-        before = before_id if before_id is not None else 2 ** 63 - 1
-        while True:
-            with self._read():
-                page = self._sql(sql, (value, before, PAGE_SIZE)).fetchall()
-            yield from (tuple(found) for found in page)
-            if len(page) < PAGE_SIZE:
-                return
-            before = page[-1][0]
 
     def _has_row_from(self, call_key: str, from_id: int) -> bool:
         with self._read():
